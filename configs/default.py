@@ -1,0 +1,45 @@
+"""Shared defaults: ResNet-50 on ImageNet with the Goyal et al. (2017) SGD recipe.
+
+Other configs import this and change a few fields. Every key can be overridden
+on the command line: `--config.batch_size=128`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Model: a registry name (python -c "from resnet_jax import models; print(models.names())").
+    config.model = "resnet50"
+    config.dtype = "float32"  # compute dtype; params stay float32
+    config.zero_init_residual = True  # last BatchNorm scale of each residual branch starts at 0
+
+    # Data: digits | synthetic | tfds:NAME | folder:PATH. Classes and image shape come from the data.
+    config.dataset = "tfds:imagenet2012"
+    config.data_dir = None  # where tfds keeps prepared data (None: tfds default)
+    config.image_size = 224
+    config.augment = "auto"
+    config.batch_size = 256  # global, over all devices and hosts
+    config.eval_batch_size = 0  # 0: same as batch_size
+
+    # Length: num_train_steps > 0 overrides num_epochs.
+    config.num_epochs = 90.0
+    config.num_train_steps = -1
+
+    # Optimisation; the learning rate is for the global batch.
+    config.optimizer = "nesterov"
+    config.learning_rate = 0.1
+    config.momentum = 0.9
+    config.lr_schedule = "cosine"
+    config.warmup_epochs = 5.0  # clipped to the run's length
+    config.weight_decay = 1e-4  # convolution and dense kernels only
+    config.label_smoothing = 0.0
+    config.grad_clip_norm = 0.0  # 0: no clipping
+
+    config.seed = 0  # init, data order and augmentation
+
+    # Cadence in steps; 0 = once per epoch.
+    config.log_every_steps = 100
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 0
+    return config

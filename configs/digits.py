@@ -1,0 +1,22 @@
+"""The quick start: CIFAR ResNet-20 on scikit-learn's bundled 8x8 digits (no download).
+
+1,437 train / 360 test images (fixed stratified split). Measured on a 2-core
+CPU: see the README for accuracy and wall time.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model = "resnet20"
+    config.dataset = "digits"
+    config.image_size = 8
+    config.batch_size = 64
+    config.num_epochs = 30.0
+    config.learning_rate = 0.1
+    config.warmup_epochs = 1.0
+    config.weight_decay = 5e-4
+    config.log_every_steps = 0
+    config.eval_every_steps = 0
+    return config

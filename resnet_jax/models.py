@@ -1,0 +1,263 @@
+"""The ResNet family as one composable Flax Linen module.
+
+Every network is `ResNet` with a stem, a block class, stage sizes and a shortcut
+kind; conv and norm layers are injected so that dtype, normalisation and
+initialisation change in one place. Layer names follow torchvision
+(`conv1`, `bn1`, `layer1_0/conv1`, `downsample_conv`, `fc`) so that weights can
+be mapped one to one.
+
+Padding follows PyTorch (k//2 on each side) rather than XLA's 'SAME', which pads
+strided layers asymmetrically; it is what makes imported weights reproduce
+PyTorch's outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+}
+NORMS = ("batch", "none")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 is for gradient checks under jax.enable_x64; it is not a training choice.
+
+# torchvision's ResNet init: Kaiming normal, fan-out, gain sqrt(2).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    return ((kernel_size // 2,) * 2,) * 2
+
+
+class Identity(nn.Module):
+    """Stands in for BatchNorm when `norm='none'` (accepts and ignores its options)."""
+
+    scale_init: Callable | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class Shortcut(nn.Module):
+    """The skip path: identity, projection (1x1 conv + norm), or option A (subsample + zero-pad)."""
+
+    filters: int
+    strides: int
+    kind: str  # "projection" or "pad"
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] == self.filters and self.strides == 1:
+            return x
+        if self.kind == "pad":
+            x = x[:, :: self.strides, :: self.strides, :]
+            extra = self.filters - x.shape[-1]
+            return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        x = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="downsample_conv")(x)
+        return self.norm(name="downsample_bn")(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR family)."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: int = 1
+    shortcut: str | None = "projection"  # None: a plain block without the skip path
+    zero_init_residual: bool = True
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2")(y)
+        return self._merge(x, y, "bn2")
+
+    def _merge(self, x: jax.Array, y: jax.Array, last_norm: str) -> jax.Array:
+        if self.shortcut is None:
+            return self.act(self.norm(name=last_norm)(y))
+        zero = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(scale_init=zero, name=last_norm)(y)
+        filters = self.filters * self.expansion
+        skip = Shortcut(filters, self.strides, self.shortcut, self.conv, self.norm, name="shortcut")(x)
+        return self.act(skip + y)
+
+
+class BottleneckBlock(BasicBlock):
+    """1x1 reduce, 3x3 (carries the stride: v1.5), 1x1 expand by 4."""
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(self.filters, (1, 1), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
+        return self._merge(x, y, "bn3")
+
+
+class ResNet(nn.Module):
+    """A ResNet: stem, stages of blocks, global average pool, linear classifier."""
+
+    stage_sizes: Sequence[int]
+    block_cls: type[BasicBlock]
+    num_classes: int
+    stem: str = "imagenet"  # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": one 3x3 conv
+    width: int = 64
+    shortcut: str | None = "projection"
+    zero_init_residual: bool = True
+    norm: str = "batch"
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        use_norm = self.norm == "batch"
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=not use_norm,
+            dtype=self.dtype,
+            kernel_init=conv_kernel_init,
+        )
+
+        def padded_conv(filters, kernel, strides=(1, 1), **kw):
+            return conv(filters, kernel, strides, padding=torch_padding(kernel[0]), **kw)
+
+        norm = (
+            functools.partial(
+                nn.BatchNorm,
+                use_running_average=not train,
+                momentum=0.9,
+                epsilon=1e-5,
+                dtype=self.dtype,
+            )
+            if use_norm
+            else Identity
+        )
+        act = ACTIVATIONS[self.activation]
+
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = padded_conv(self.width, (7, 7), (2, 2), name="conv1")(x)
+            x = act(norm(name="bn1")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+        else:
+            x = padded_conv(self.width, (3, 3), name="conv1")(x)
+            x = act(norm(name="bn1")(x))
+
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                x = self.block_cls(
+                    filters=self.width * 2**i,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    conv=padded_conv,
+                    norm=norm,
+                    act=act,
+                    shortcut=self.shortcut,
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"layer{i + 1}_{j}",
+                )(x)
+
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
+# name -> (stage sizes, block, stem, width, shortcut kind)
+_IMAGENET_STAGES = {
+    18: ((2, 2, 2, 2), BasicBlock),
+    34: ((3, 4, 6, 3), BasicBlock),
+    50: ((3, 4, 6, 3), BottleneckBlock),
+    101: ((3, 4, 23, 3), BottleneckBlock),
+    152: ((3, 8, 36, 3), BottleneckBlock),
+    200: ((3, 24, 36, 3), BottleneckBlock),
+}
+# He et al. 2016, Sec. 4.2: 6n+2 layers, 16/32/64 filters, option-A shortcuts.
+_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+
+
+def _registry() -> dict[str, dict[str, Any]]:
+    entries: dict[str, dict[str, Any]] = {}
+    for depth, (stages, block) in _IMAGENET_STAGES.items():
+        arch = dict(stage_sizes=stages, block_cls=block, stem="imagenet", width=64)
+        entries[f"resnet{depth}"] = dict(arch, shortcut="projection")
+        entries[f"plain{depth}"] = dict(arch, shortcut=None)
+    for depth in _CIFAR_DEPTHS:
+        n = (depth - 2) // 6
+        arch = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", width=16)
+        entries[f"resnet{depth}"] = dict(arch, shortcut="pad")
+        entries[f"plain{depth}"] = dict(arch, shortcut=None)
+
+    def family_then_depth(name: str) -> tuple[str, int]:
+        family, depth = re.fullmatch(r"([a-z_]+)(\d+)", name).groups()
+        return family != "resnet", int(depth)
+
+    return {name: entries[name] for name in sorted(entries, key=family_then_depth)}
+
+
+MODELS = _registry()
+
+
+def names() -> list[str]:
+    """Every name `create` accepts."""
+    return list(MODELS)
+
+
+def check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
+    """Raise a ValueError naming the key, the bad value and the valid choices."""
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def create(
+    name: str,
+    num_classes: int,
+    *,
+    dtype: str | Any = "float32",
+    zero_init_residual: bool = True,
+    norm: str = "batch",
+    activation: str = "relu",
+) -> ResNet:
+    """Build a registry model; the module is a pure function of params and batch_stats."""
+    check_choice("model", name, names())
+    check_choice("norm", norm, NORMS)
+    check_choice("activation", activation, tuple(ACTIVATIONS))
+    if isinstance(dtype, str):
+        check_choice("dtype", dtype, tuple(DTYPES))
+        dtype = DTYPES[dtype]
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
+    return ResNet(
+        num_classes=num_classes,
+        zero_init_residual=zero_init_residual,
+        norm=norm,
+        activation=activation,
+        dtype=dtype,
+        **MODELS[name],
+    )
+
+
+def count_params(module: nn.Module, image_size: int, channels: int = 3) -> int:
+    """Number of trainable parameters, from shapes only (nothing is computed)."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))
+    return sum(x.size for x in jax.tree.leaves(shapes["params"]))

@@ -1,0 +1,268 @@
+"""Train state, the jit-compiled train and eval steps, and `train_and_evaluate`.
+
+Gradients come from `jax.value_and_grad` only; the step is one `jax.jit` with
+explicit shardings over the device mesh (batch split on `data`, state
+replicated) and the state buffers donated.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_jax import data, metrics, models, optim, parallel
+from resnet_jax.config_checks import check_config
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> flax.linen.Module:
+    return models.create(
+        config.model,
+        num_classes,
+        dtype=config.dtype,
+        zero_init_residual=config.get("zero_init_residual", True),
+    )
+
+
+def init_state(
+    model: flax.linen.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], rng: jax.Array
+) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )
+
+
+def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """uint8 NHWC -> float32 standardised per channel (on the device, inside the step)."""
+    return (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    label_smoothing: float = 0.0,
+) -> tuple[TrainState, metrics.TrainMetrics]:
+    images = normalize(batch["image"], mean, std)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    step_metrics = metrics.TrainMetrics.single_from_model_output(
+        loss=loss, logits=logits, labels=batch["label"], learning_rate=schedule(state.step)
+    )
+    return new_state, step_metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: flax.linen.Module,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> metrics.EvalMetrics:
+    """Running BatchNorm statistics; padded examples (mask 0) do not count."""
+    logits = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        normalize(batch["image"], mean, std),
+        train=False,
+    )
+    return metrics.EvalMetrics.single_from_model_output(
+        loss=cross_entropy(logits, batch["label"]),
+        logits=logits,
+        labels=batch["label"],
+        mask=batch["mask"],
+    )
+
+
+def cadence(every: int, steps_per_epoch: int) -> int:
+    """Config cadences: 0 means once per epoch."""
+    return every if every > 0 else steps_per_epoch
+
+
+class Trainer:
+    """Everything compiled and loaded for one run; `train_and_evaluate` drives it."""
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset: data.Dataset, mesh: jax.sharding.Mesh):
+        self.config, self.dataset, self.mesh = config, dataset, mesh
+        info = dataset.info
+        parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
+        self.eval_batch_size = config.get("eval_batch_size", 0) or config.batch_size
+        parallel.check_batch_size("config.eval_batch_size", self.eval_batch_size, mesh)
+        self.steps_per_epoch = max(1, info.num_train // config.batch_size)
+        self.total_steps = (
+            config.num_train_steps
+            if config.num_train_steps > 0
+            else int(config.num_epochs * self.steps_per_epoch)
+        )
+        self.model = create_model(config, info.num_classes)
+        self.tx, self.schedule = optim.create(config, self.steps_per_epoch, self.total_steps)
+
+        replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
+        self.batch_sharding = batch_sharding
+        stats = dict(mean=info.mean, std=info.std)
+        self.init = jax.jit(
+            functools.partial(init_state, self.model, self.tx, info.image_shape), out_shardings=replicated
+        )
+        self.train_step = jax.jit(
+            functools.partial(
+                train_step,
+                model=self.model,
+                tx=self.tx,
+                schedule=self.schedule,
+                label_smoothing=config.label_smoothing,
+                **stats,
+            ),
+            in_shardings=(replicated, batch_sharding),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, model=self.model, **stats),
+            in_shardings=(replicated, batch_sharding),
+            out_shardings=replicated,
+        )
+
+    def evaluate(self, state: TrainState) -> metrics.EvalMetrics:
+        batches = data.eval_batches(
+            self.dataset,
+            global_batch_size=self.eval_batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return metrics.merge_all(
+            [self.eval_step(state, parallel.to_global(b, self.batch_sharding)) for b in batches]
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Train `config` in `workdir`, evaluating on the whole eval split; return the final state."""
+    check_config(config, workdir)
+    mesh = parallel.create_mesh()
+    dataset = data.load(config)
+    trainer = Trainer(config, dataset, mesh)
+    info = dataset.info
+    log(
+        f"{config.model} on {info.name}: {info.num_train} train / {info.num_eval} eval images "
+        f"{'x'.join(map(str, info.image_shape))}, {info.num_classes} classes; {parallel.describe(mesh)}"
+    )
+    log(
+        f"{trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.1f} epochs of "
+        f"{trainer.steps_per_epoch}), global batch {config.batch_size}, "
+        f"{config.optimizer} lr {config.learning_rate}"
+    )
+
+    t0 = time.perf_counter()
+    state = trainer.init(jax.random.key(config.seed))
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(f"{num_params:,} parameters, initialised in {time.perf_counter() - t0:.1f}s")
+
+    writer = metrics.MetricWriter(workdir, enabled=parallel.is_primary())
+    writer.write_hparams(config.to_dict())
+    batches = data.train_loader(
+        dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    log_every = cadence(config.log_every_steps, trainer.steps_per_epoch)
+    eval_every = cadence(config.eval_every_steps, trainer.steps_per_epoch)
+
+    pending: list[metrics.TrainMetrics] = []
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(1, trainer.total_steps + 1):
+        batch = parallel.to_global(next(batches), trainer.batch_sharding)
+        state, step_metrics = trainer.train_step(state, batch)
+        pending.append(step_metrics)
+        window_steps += 1
+        if step == 1:
+            jax.block_until_ready(state)
+            log(f"step 1 done: compile + first step {time.perf_counter() - window_start:.1f}s")
+            window_start, window_steps = time.perf_counter(), 0
+        last = step == trainer.total_steps
+        if step % log_every == 0 or last:
+            scalars = metrics.summarize(metrics.merge_all(pending), "train")
+            elapsed = time.perf_counter() - window_start
+            if window_steps:
+                scalars["steps_per_sec"] = window_steps / elapsed
+                scalars["images_per_sec"] = window_steps * config.batch_size / elapsed
+            writer.write_scalars(step, scalars)
+            log(format_train_line(step, trainer.total_steps, trainer.steps_per_epoch, scalars))
+            pending, window_start, window_steps = [], time.perf_counter(), 0
+        if step % eval_every == 0 or last:
+            eval_start = time.perf_counter()
+            result = trainer.evaluate(state)
+            scalars = metrics.summarize(result, "eval")
+            writer.write_scalars(step, scalars)
+            count = int(result.accuracy.count)
+            log(
+                f"{'final eval' if last else 'eval'} at step {step}: accuracy {scalars['eval_accuracy']:.2%} "
+                f"({round(scalars['eval_accuracy'] * count)}/{count}), loss {scalars['eval_loss']:.4f} "
+                f"[{time.perf_counter() - eval_start:.1f}s]"
+            )
+            window_start += time.perf_counter() - eval_start
+    writer.close()
+    return state
+
+
+def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> str:
+    line = (
+        f"step {step}/{total} (epoch {step / steps_per_epoch:.1f}) | loss {scalars['train_loss']:.4f} "
+        f"| accuracy {scalars['train_accuracy']:.2%} | lr {scalars['learning_rate']:.4g}"
+    )
+    if "steps_per_sec" in scalars:
+        line += f" | {scalars['steps_per_sec']:.1f} steps/s, {scalars['images_per_sec']:.0f} img/s"
+    return line
+
+
+log = metrics.log

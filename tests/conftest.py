@@ -1,0 +1,32 @@
+"""Shared fixtures: small configs and a subprocess runner for the command-line tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so that `configs` imports like it does for train.py
+
+
+def digits_config(**overrides):
+    from configs import digits
+
+    config = digits.get_config()
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def make_digits_config():
+    return digits_config
+
+
+def run_script(*args, env=None, timeout=600):
+    """Run a repository script in a fresh interpreter, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,31 @@
+"""Train and evaluate a ResNet.
+
+python train.py --config configs/digits.py --workdir runs/digits [--config.key=value ...]
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resnet_jax import train
+from resnet_jax.config_checks import ConfigError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl, TensorBoard events and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
