@@ -5,11 +5,10 @@ python train.py --config configs/digits.py --workdir runs/digits [--config.key=v
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import train
-from resnet_jax.config_checks import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
@@ -20,9 +19,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except ConfigError as e:
+    except train.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

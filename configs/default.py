@@ -42,4 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.eval_every_steps = 0
     config.checkpoint_every_steps = 0
+    config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
+    config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
     return config

@@ -1,6 +1,6 @@
 """The quick start: CIFAR ResNet-20 on scikit-learn's bundled 8x8 digits (no download).
 
-1,437 train / 360 test images (fixed stratified split). Measured on a 2-core
+1,437 train / 360 test images (fixed stratified split), upsampled to 12x12. Measured on a 2-core
 CPU: see the README for accuracy and wall time.
 """
 
@@ -11,7 +11,7 @@ def get_config():
     config = default.get_config()
     config.model = "resnet20"
     config.dataset = "digits"
-    config.image_size = 8
+    config.image_size = 12  # upsampled from 8x8: at 8 px ResNet-20's last stage is 2x2 (98.6-100% over seeds)
     config.batch_size = 64
     config.num_epochs = 30.0
     config.learning_rate = 0.1

@@ -31,6 +31,7 @@ class DatasetInfo:
     class_names: tuple[str, ...]
     num_train: int
     num_eval: int
+    eval_crop: float = 1.0  # eval: resize the shorter side to size / eval_crop, then center-crop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +85,39 @@ class SyntheticSource:
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of a uint8 NHWC stack to size x size (antialiased when shrinking)."""
-    import jax
-
+    """Resize a uint8 NHWC stack exactly as `predict` will resize an image file."""
     if images.shape[1:3] == (size, size):
         return images
-    out = jax.image.resize(images.astype(np.float32), (len(images), size, size, images.shape[-1]), "bilinear")
-    return np.asarray(np.clip(np.round(out), 0, 255), dtype=np.uint8)
+    return np.stack([resize_shorter_and_center_crop(image, size) for image in images])
+
+
+def decode_image(source: str | bytes, channels: int = 3) -> np.ndarray:
+    """A file path or encoded bytes -> uint8 HWC with `channels` (grayscale, palette, RGBA converted)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def resize_shorter_and_center_crop(image: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """The standard eval preprocessing: shorter side to size / crop, then the central size x size."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    short = round(size / crop)
+    new_h, new_w = (
+        (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    )
+    if (new_h, new_w) != (h, w):
+        squeezed = image[..., 0] if image.shape[-1] == 1 else image
+        resized = Image.fromarray(squeezed).resize((new_w, new_h), Image.BILINEAR)
+        image = np.asarray(resized, dtype=np.uint8).reshape(new_h, new_w, image.shape[-1])
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return image[top : top + size, left : left + size]
 
 
 def random_shift(example: Example, rng: np.random.Generator, pad: int) -> Example:

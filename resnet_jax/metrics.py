@@ -7,6 +7,7 @@ metrics.jsonl keys.
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,16 +18,41 @@ from clu import metrics
 
 
 @flax.struct.dataclass
+class Sum(metrics.Metric):
+    """A count that adds up over steps and devices (clu has averages, not sums)."""
+
+    total: jax.Array
+
+    @classmethod
+    def from_model_output(cls, values: jax.Array, **_) -> "Sum":
+        return cls(total=jax.numpy.sum(values))
+
+    def merge(self, other: "Sum") -> "Sum":
+        return type(self)(total=self.total + other.total)
+
+    def compute(self) -> jax.Array:
+        return self.total
+
+
+@flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
     accuracy: metrics.Accuracy
     learning_rate: metrics.LastValue.from_output("learning_rate")
+    grad_norm: metrics.Average.from_output("grad_norm")
+    nonfinite_steps: Sum.from_output("nonfinite")
+
+
+def top5_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    k = min(5, logits.shape[-1])
+    return (jax.lax.top_k(logits, k)[1] == labels[:, None]).any(axis=-1)
 
 
 @flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
     accuracy: metrics.Accuracy
+    top5_accuracy: metrics.Average.from_output("top5_correct")
 
 
 def merge_all(collections: list[metrics.Collection]) -> metrics.Collection:
@@ -45,6 +71,11 @@ def log(message: str) -> None:
     """Progress output: process 0 only, flushed so that piped logs keep up."""
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class MetricWriter:

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from resnet_jax import data, metrics, models, optim, parallel
-from resnet_jax.config_checks import check_config
+from resnet_jax import checkpoint, data, metrics, models, optim, parallel
+from resnet_jax.config_checks import ConfigError, check_config
 
 
 @flax.struct.dataclass
@@ -65,6 +65,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """True when no leaf holds inf/NaN (a norm would overflow on large but finite values)."""
+    return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -75,7 +80,9 @@ def train_step(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     label_smoothing: float = 0.0,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, metrics.TrainMetrics]:
+    """One optimizer step; a non-finite loss or gradient is counted (and skipped if asked)."""
     images = normalize(batch["image"], mean, std)
 
     def loss_fn(params):
@@ -89,15 +96,29 @@ def train_step(
         return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(updates)
     new_state = TrainState(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    if skip_nonfinite:
+        keep_old = lambda new, old: jnp.where(finite, new, old)
+        new_state = new_state.replace(
+            params=jax.tree.map(keep_old, new_state.params, state.params),
+            batch_stats=jax.tree.map(keep_old, new_state.batch_stats, state.batch_stats),
+            opt_state=jax.tree.map(keep_old, new_state.opt_state, state.opt_state),
+        )
     step_metrics = metrics.TrainMetrics.single_from_model_output(
-        loss=loss, logits=logits, labels=batch["label"], learning_rate=schedule(state.step)
+        loss=loss,
+        logits=logits,
+        labels=batch["label"],
+        learning_rate=schedule(state.step),
+        grad_norm=grad_norm,
+        nonfinite=(~finite).astype(jnp.int32),
     )
     return new_state, step_metrics
 
@@ -120,6 +141,7 @@ def eval_step(
         loss=cross_entropy(logits, batch["label"]),
         logits=logits,
         labels=batch["label"],
+        top5_correct=metrics.top5_correct(logits, batch["label"]),
         mask=batch["mask"],
     )
 
@@ -160,6 +182,7 @@ class Trainer:
                 tx=self.tx,
                 schedule=self.schedule,
                 label_smoothing=config.label_smoothing,
+                skip_nonfinite=config.get("skip_nonfinite_steps", False),
                 **stats,
             ),
             in_shardings=(replicated, batch_sharding),
@@ -184,8 +207,21 @@ class Trainer:
         )
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became inf/NaN; the message names the step and the last good checkpoint."""
+
+
+def first_nonfinite_step(window: list[tuple[int, metrics.TrainMetrics]]) -> int | None:
+    counts = jax.device_get([m.nonfinite_steps.total for _, m in window])
+    return next((step for (step, _), count in zip(window, counts, strict=True) if count), None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Train `config` in `workdir`, evaluating on the whole eval split; return the final state."""
+    """Train `config` in `workdir` (resuming from its checkpoints), evaluating on the whole eval split.
+
+    Returns the final state; on SIGTERM/SIGINT it saves, logs `preempted at step S, checkpoint
+    saved` and returns the state of that step.
+    """
     check_config(config, workdir)
     mesh = parallel.create_mesh()
     dataset = data.load(config)
@@ -200,14 +236,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{trainer.steps_per_epoch}), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}"
     )
-
-    t0 = time.perf_counter()
-    state = trainer.init(jax.random.key(config.seed))
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(f"{num_params:,} parameters, initialised in {time.perf_counter() - t0:.1f}s")
-
-    writer = metrics.MetricWriter(workdir, enabled=parallel.is_primary())
-    writer.write_hparams(config.to_dict())
     batches = data.train_loader(
         dataset,
         global_batch_size=config.batch_size,
@@ -215,44 +243,112 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    checkpoints = checkpoint.Checkpoints(workdir, keep=config.get("keep_checkpoints", 3))
+    t0 = time.perf_counter()
+    state, start_step = restore_or_init(trainer, checkpoints, batches)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(f"{num_params:,} parameters, ready in {time.perf_counter() - t0:.1f}s")
+
+    writer = metrics.MetricWriter(workdir, enabled=parallel.is_primary())
+    writer.write_hparams(config.to_dict())
     log_every = cadence(config.log_every_steps, trainer.steps_per_epoch)
     eval_every = cadence(config.eval_every_steps, trainer.steps_per_epoch)
+    save_every = cadence(config.checkpoint_every_steps, trainer.steps_per_epoch)
+    skip_nonfinite = config.get("skip_nonfinite_steps", False)
+
+    def save(step: int, eval_scalars: dict[str, float] | None) -> None:
+        if not skip_nonfinite:
+            bad = first_nonfinite_step(unchecked)
+            if bad is not None:
+                checkpoints.wait()
+                saved = checkpoints.steps()
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {bad}; the run stopped and this state was not "
+                    f"saved. Last good checkpoint: {f'step {saved[-1]}' if saved else 'none'} in "
+                    f"{checkpoints.directory}. Lower the learning rate, set config.grad_clip_norm, or "
+                    "set config.skip_nonfinite_steps=True"
+                )
+        unchecked.clear()
+        checkpoints.save(
+            step, state, config=config, dataset_info=info, data_iterator=batches, eval_metrics=eval_scalars
+        )
 
     pending: list[metrics.TrainMetrics] = []
+    unchecked: list[tuple[int, metrics.TrainMetrics]] = []
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(1, trainer.total_steps + 1):
-        batch = parallel.to_global(next(batches), trainer.batch_sharding)
-        state, step_metrics = trainer.train_step(state, batch)
-        pending.append(step_metrics)
-        window_steps += 1
-        if step == 1:
-            jax.block_until_ready(state)
-            log(f"step 1 done: compile + first step {time.perf_counter() - window_start:.1f}s")
-            window_start, window_steps = time.perf_counter(), 0
-        last = step == trainer.total_steps
-        if step % log_every == 0 or last:
-            scalars = metrics.summarize(metrics.merge_all(pending), "train")
-            elapsed = time.perf_counter() - window_start
-            if window_steps:
-                scalars["steps_per_sec"] = window_steps / elapsed
-                scalars["images_per_sec"] = window_steps * config.batch_size / elapsed
-            writer.write_scalars(step, scalars)
-            log(format_train_line(step, trainer.total_steps, trainer.steps_per_epoch, scalars))
-            pending, window_start, window_steps = [], time.perf_counter(), 0
-        if step % eval_every == 0 or last:
-            eval_start = time.perf_counter()
-            result = trainer.evaluate(state)
-            scalars = metrics.summarize(result, "eval")
-            writer.write_scalars(step, scalars)
-            count = int(result.accuracy.count)
-            log(
-                f"{'final eval' if last else 'eval'} at step {step}: accuracy {scalars['eval_accuracy']:.2%} "
-                f"({round(scalars['eval_accuracy'] * count)}/{count}), loss {scalars['eval_loss']:.4f} "
-                f"[{time.perf_counter() - eval_start:.1f}s]"
-            )
-            window_start += time.perf_counter() - eval_start
-    writer.close()
+    step = start_step
+    try:
+        with checkpoint.PreemptionWatcher() as preemption:
+            for step in range(start_step + 1, trainer.total_steps + 1):
+                batch = parallel.to_global(next(batches), trainer.batch_sharding)
+                state, step_metrics = trainer.train_step(state, batch)
+                pending.append(step_metrics)
+                unchecked.append((step, step_metrics))
+                window_steps += 1
+                if step == start_step + 1:
+                    jax.block_until_ready(state)
+                    log(f"step {step} done: compile + first step {time.perf_counter() - window_start:.1f}s")
+                    window_start, window_steps = time.perf_counter(), 0
+                last = step == trainer.total_steps
+                if step % log_every == 0 or last:
+                    scalars = metrics.summarize(metrics.merge_all(pending), "train")
+                    elapsed = time.perf_counter() - window_start
+                    if window_steps:
+                        scalars["steps_per_sec"] = window_steps / elapsed
+                        scalars["images_per_sec"] = window_steps * config.batch_size / elapsed
+                    writer.write_scalars(step, scalars)
+                    log(format_train_line(step, trainer.total_steps, trainer.steps_per_epoch, scalars))
+                    pending, window_start, window_steps = [], time.perf_counter(), 0
+                eval_scalars = None
+                if step % eval_every == 0 or last:
+                    eval_start = time.perf_counter()
+                    eval_scalars = evaluate_and_log(trainer, state, step, last)
+                    writer.write_scalars(step, eval_scalars)
+                    window_start += time.perf_counter() - eval_start
+                if step % save_every == 0 or last:
+                    save(step, eval_scalars)
+                if not last and preemption.should_stop(step):
+                    save(step, None)
+                    checkpoints.wait()
+                    log(f"preempted at step {step}, checkpoint saved")
+                    break
+    finally:
+        checkpoints.close()  # finish in-flight saves, also when the run stops on an error
+        writer.close()
+    if start_step >= trainer.total_steps:
+        log(f"already trained to step {start_step} of {trainer.total_steps}")
+        evaluate_and_log(trainer, state, start_step, True)
     return state
+
+
+def restore_or_init(
+    trainer: Trainer, checkpoints: checkpoint.Checkpoints, batches: Any
+) -> tuple[TrainState, int]:
+    """The latest good checkpoint of the workdir (checked against the config), or a fresh state."""
+    key = jax.random.key(trainer.config.seed)
+    abstract = checkpoint.with_sharding(jax.eval_shape(trainer.init, key), parallel.replicated(trainer.mesh))
+    restored = checkpoints.restore_latest(abstract, batches, trainer.config)
+    if restored is None:
+        return trainer.init(key), 0
+    step, items = restored
+    changes = checkpoint.check_compatible(items["config"], trainer.config, step, checkpoints.directory)
+    log(f"resumed from the checkpoint of step {step} in {checkpoints.directory}")
+    for change in changes:
+        log(f"  config changed since that checkpoint: {change}")
+    return items["state"], step
+
+
+def evaluate_and_log(trainer: Trainer, state: TrainState, step: int, final: bool) -> dict[str, float]:
+    start = time.perf_counter()
+    result = trainer.evaluate(state)
+    scalars = metrics.summarize(result, "eval")
+    count = int(result.accuracy.count)
+    log(
+        f"{'final eval' if final else 'eval'} at step {step}: accuracy {scalars['eval_accuracy']:.2%} "
+        f"({round(scalars['eval_accuracy'] * count)}/{count}), top-5 {scalars['eval_top5_accuracy']:.2%}, "
+        f"loss {scalars['eval_loss']:.4f} [{time.perf_counter() - start:.1f}s]"
+    )
+    return scalars
 
 
 def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> str:
@@ -266,3 +362,5 @@ def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict
 
 
 log = metrics.log
+# Errors whose message is the whole story: the CLI prints them without a traceback.
+USER_ERRORS = (ConfigError, checkpoint.CheckpointError, NonFiniteError)

@@ -10,8 +10,13 @@ from tests.conftest import run_script
 @pytest.mark.slow
 def test_train_py_on_digits_end_to_end(tmp_path):
     result = run_script(
-        "train.py", "--config", "configs/digits.py", "--workdir", str(tmp_path),
-        "--config.num_train_steps=20", "--config.log_every_steps=5",
+        "train.py",
+        "--config",
+        "configs/digits.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.num_train_steps=20",
+        "--config.log_every_steps=5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final eval at step 20: accuracy" in result.stdout

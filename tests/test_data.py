@@ -25,7 +25,9 @@ def test_digits_resize_to_the_configured_size():
     assert ds.info.image_shape == (16, 16, 1) and ds.train_source[3]["image"].shape == (16, 16, 1)
 
 
-@pytest.mark.parametrize("spec", ["digits", "synthetic", "tfds:cifar10", "tfds:imagenette/320px-v2", "folder:/x"])
+@pytest.mark.parametrize(
+    "spec", ["digits", "synthetic", "tfds:cifar10", "tfds:imagenette/320px-v2", "folder:/x"]
+)
 def test_valid_specs_parse(spec):
     kind, arg = data.parse_spec(spec)
     assert kind in ("digits", "synthetic", "tfds", "folder")
@@ -45,7 +47,7 @@ def test_train_order_is_deterministic_and_reshuffled_each_epoch(digits):
     a = take(data.train_loader(digits, global_batch_size=479, seed=3), 6)
     b = take(data.train_loader(digits, global_batch_size=479, seed=3), 6)
     c = take(data.train_loader(digits, global_batch_size=479, seed=4), 1)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         np.testing.assert_array_equal(x["image"], y["image"])
     assert not np.array_equal(a[0]["label"], c[0]["label"])
     # 479 * 3 = 1437: batches 0-2 are epoch 1, 3-5 epoch 2; each epoch is a permutation of the split.
@@ -65,8 +67,10 @@ def test_two_processes_read_disjoint_halves_of_each_global_batch(digits):
         data._identity,
     )
     whole = take(data.train_loader(tagged, global_batch_size=64, seed=0), 5)
-    parts = [take(data.train_loader(tagged, global_batch_size=64, seed=0, process_index=p, process_count=2), 5)
-             for p in range(2)]
+    parts = [
+        take(data.train_loader(tagged, global_batch_size=64, seed=0, process_index=p, process_count=2), 5)
+        for p in range(2)
+    ]
     for step in range(5):
         p0, p1 = parts[0][step]["label"], parts[1][step]["label"]
         assert len(p0) == len(p1) == 32 and not set(p0) & set(p1)
@@ -79,7 +83,7 @@ def test_padded_eval_counts_every_example_exactly_once(digits, batch, processes)
     for p in range(processes):
         for b in data.eval_batches(digits, global_batch_size=batch, process_index=p, process_count=processes):
             assert len(b["label"]) == batch // processes
-            seen.extend(zip(b["mask"], b["label"]))
+            seen.extend(zip(b["mask"], b["label"], strict=False))
     real = [label for mask, label in seen if mask == 1]
     assert len(real) == 360
     assert np.array_equal(np.bincount(real), np.bincount(digits.eval_source.labels))

@@ -60,9 +60,7 @@ def test_unknown_model_lists_the_valid_names():
     assert "'resnet19'" in message and "resnet20" in message and "plain56" in message
 
 
-@pytest.mark.parametrize(
-    "option,value", [("dtype", "float64"), ("norm", "layer"), ("activation", "gelu")]
-)
+@pytest.mark.parametrize("option,value", [("dtype", "float64"), ("norm", "layer"), ("activation", "gelu")])
 def test_bad_options_are_rejected(option, value):
     with pytest.raises(ValueError, match=f"{option}='{value}'"):
         models.create("resnet20", 10, **{option: value})
@@ -116,7 +114,9 @@ def test_eval_mode_is_deterministic_and_uses_running_statistics():
     np.testing.assert_allclose(module.apply(variables, x[:1], train=False), a[:1], rtol=1e-5, atol=1e-5)
     # In train mode it does, and the running statistics move.
     train_out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
-    assert not np.allclose(train_out[:1], module.apply(variables, x[:1], train=True, mutable=["batch_stats"])[0])
+    assert not np.allclose(
+        train_out[:1], module.apply(variables, x[:1], train=True, mutable=["batch_stats"])[0]
+    )
     before = variables["batch_stats"]["bn1"]["mean"]
     assert not np.allclose(updates["batch_stats"]["bn1"]["mean"], before)
 
@@ -135,6 +135,7 @@ def test_imagenet_stem_pads_like_pytorch():
         x = jnp.zeros((1, size, size, 3))
         variables = jax.eval_shape(module.init, jax.random.key(0), x)
         mods = jax.eval_shape(
-            lambda v, x=x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"])[1], variables
+            lambda v, x=x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"])[1],
+            variables,
         )
         assert mods["intermediates"]["layer1_0"]["__call__"][0].shape[1] == expected

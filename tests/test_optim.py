@@ -32,7 +32,9 @@ def test_weight_decay_changes_only_kernels():
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     mask = optim.kernel_mask(params)
-    for update, param, is_kernel in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(mask)):
+    for update, param, is_kernel in zip(
+        jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(mask), strict=False
+    ):
         expected = -0.1 * param if is_kernel else jnp.zeros_like(param)
         np.testing.assert_allclose(update, expected, rtol=1e-6, atol=1e-8)
 

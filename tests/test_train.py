@@ -71,23 +71,32 @@ def test_autodiff_gradient_matches_finite_differences():
         variables = jax.tree.map(lambda v: v.astype(jnp.float64), variables)
 
         def loss(params):
-            logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                 mutable=["batch_stats"])[0]
+            logits = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )[0]
             return train.cross_entropy(logits.astype(jnp.float64), labels).mean()
 
         params = variables["params"]
         grads = jax.grad(loss)(params)
         h = 1e-5
         for layer, index in [("conv1", (0, 0, 0, 0)), ("conv1", (2, 1, 0, 15)), ("layer2_1", (1, 1, 3, 7))]:
+
             def shifted(delta, layer=layer, index=index):
                 if layer == "conv1":
-                    return loss({**params, "conv1": {"kernel": params["conv1"]["kernel"].at[index].add(delta)}})
+                    return loss(
+                        {**params, "conv1": {"kernel": params["conv1"]["kernel"].at[index].add(delta)}}
+                    )
                 block = params[layer]
                 conv = {"kernel": block["conv1"]["kernel"].at[index].add(delta)}
                 return loss({**params, layer: {**block, "conv1": conv}})
 
             numeric = (shifted(h) - shifted(-h)) / (2 * h)
-            analytic = grads[layer]["kernel"][index] if layer == "conv1" else grads[layer]["conv1"]["kernel"][index]
+            analytic = (
+                grads[layer]["kernel"][index] if layer == "conv1" else grads[layer]["conv1"]["kernel"][index]
+            )
             assert math.isclose(float(analytic), float(numeric), rel_tol=1e-5, abs_tol=1e-9), (layer, index)
 
 
