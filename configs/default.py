@@ -44,4 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0
     config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
     config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
+
+    # JAX's persistent compilation cache: None = ~/.cache/resnet_jax/jax_cache, '' = off.
+    config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     return config

@@ -116,8 +116,63 @@ class BottleneckBlock(BasicBlock):
         return self._merge(x, y, "bn3")
 
 
+class PreActBasicBlock(BasicBlock):
+    """Pre-activation basic block (He et al. 2016, "Identity Mappings"): y = x + F(x), nothing after.
+
+    F is norm-act-conv twice. With an identity shortcut dy/dx = I + dF/dx exactly, which is what
+    carries the gradient through deep stacks; v1's activation after the sum multiplies it by act'
+    in every block. A projection shortcut reads the pre-activated input; option A reads x itself.
+    `zero_init_residual` zeroes the last conv kernel (there is no norm after it to zero).
+    """
+
+    pre_activation = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pre = self.act(self.norm(name="bn1")(x))
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(pre)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2", **self._last_conv_options())(y)
+        return self._add_skip(x, pre, y)
+
+    def _last_conv_options(self) -> dict[str, Any]:
+        zero = self.zero_init_residual and self.shortcut is not None
+        return {"kernel_init": nn.initializers.zeros} if zero else {}
+
+    def _add_skip(self, x: jax.Array, pre: jax.Array, y: jax.Array) -> jax.Array:
+        if self.shortcut is None:
+            return y
+        filters = self.filters * self.expansion
+        projects = self.shortcut == "projection" and (x.shape[-1] != filters or self.strides != 1)
+        skip = Shortcut(filters, self.strides, self.shortcut, self.conv, Identity, name="shortcut")
+        return skip(pre if projects else x) + y
+
+
+class PreActBottleneckBlock(PreActBasicBlock):
+    """Pre-activation bottleneck: norm-act before each of 1x1 reduce, 3x3 (strided), 1x1 expand."""
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pre = self.act(self.norm(name="bn1")(x))
+        y = self.conv(self.filters, (1, 1), name="conv1")(pre)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
+        y = self.act(self.norm(name="bn3")(y))
+        y = self.conv(self.filters * 4, (1, 1), name="conv3", **self._last_conv_options())(y)
+        return self._add_skip(x, pre, y)
+
+
+PRE_ACTIVATION = {BasicBlock: PreActBasicBlock, BottleneckBlock: PreActBottleneckBlock}
+
+
 class ResNet(nn.Module):
-    """A ResNet: stem, stages of blocks, global average pool, linear classifier."""
+    """A ResNet: stem, stages of blocks, global average pool, linear classifier.
+
+    With pre-activation blocks the stem has no norm-act (the first block's pre-activation does it)
+    and a final norm-act comes before the pool, since the last block's output is a bare sum.
+    """
 
     stage_sizes: Sequence[int]
     block_cls: type[BasicBlock]
@@ -155,15 +210,18 @@ class ResNet(nn.Module):
             else Identity
         )
         act = ACTIVATIONS[self.activation]
+        pre_activation = getattr(self.block_cls, "pre_activation", False)
 
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = padded_conv(self.width, (7, 7), (2, 2), name="conv1")(x)
-            x = act(norm(name="bn1")(x))
+            if not pre_activation:
+                x = act(norm(name="bn1")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
         else:
             x = padded_conv(self.width, (3, 3), name="conv1")(x)
-            x = act(norm(name="bn1")(x))
+            if not pre_activation:
+                x = act(norm(name="bn1")(x))
 
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
@@ -178,11 +236,15 @@ class ResNet(nn.Module):
                     name=f"layer{i + 1}_{j}",
                 )(x)
 
+        if pre_activation:
+            x = act(norm(name="final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
+# Registry name prefixes, in the order `names()` lists them.
+FAMILIES = ("resnet", "preact_resnet", "plain")
 # name -> (stage sizes, block, stem, width, shortcut kind)
 _IMAGENET_STAGES = {
     18: ((2, 2, 2, 2), BasicBlock),
@@ -202,15 +264,18 @@ def _registry() -> dict[str, dict[str, Any]]:
         arch = dict(stage_sizes=stages, block_cls=block, stem="imagenet", width=64)
         entries[f"resnet{depth}"] = dict(arch, shortcut="projection")
         entries[f"plain{depth}"] = dict(arch, shortcut=None)
+        entries[f"preact_resnet{depth}"] = dict(arch, block_cls=PRE_ACTIVATION[block], shortcut="projection")
     for depth in _CIFAR_DEPTHS:
         n = (depth - 2) // 6
         arch = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", width=16)
         entries[f"resnet{depth}"] = dict(arch, shortcut="pad")
         entries[f"plain{depth}"] = dict(arch, shortcut=None)
+        # Option A like the v1 CIFAR nets, so that the two differ only in the block.
+        entries[f"preact_resnet{depth}"] = dict(arch, block_cls=PreActBasicBlock, shortcut="pad")
 
     def family_then_depth(name: str) -> tuple[str, int]:
         family, depth = re.fullmatch(r"([a-z_]+)(\d+)", name).groups()
-        return family != "resnet", int(depth)
+        return FAMILIES.index(family), int(depth)
 
     return {name: entries[name] for name in sorted(entries, key=family_then_depth)}
 

@@ -26,11 +26,13 @@ def fixed_batch(trainer):
 def test_jit_train_step_lowers_the_loss_on_a_fixed_batch(trainer, fixed_batch):
     state = trainer.init(jax.random.key(0))
     losses = []
-    for _ in range(15):
+    for _ in range(30):
         state, m = trainer.train_step(state, parallel.to_global(fixed_batch, trainer.batch_sharding))
         losses.append(float(m.loss.compute()))
-    assert int(state.step) == 15
-    assert losses[-1] < 0.6 * losses[0], losses
+    assert int(state.step) == 30
+    # Zero-initialised residual branches make the first steps slow; 30 steps at lr 0.1 halve the loss.
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < losses[len(losses) // 2] < losses[0], losses
 
 
 def test_train_step_donates_the_state(trainer, fixed_batch):

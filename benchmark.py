@@ -1,0 +1,81 @@
+"""Measure the train (or eval) step: images/s, step time, compile time, MFU, memory.
+
+python benchmark.py --model resnet50 --per_device_batch_size 128,256 --dtype bfloat16 --json out.json
+Lists are swept (one row per configuration); see docs/benchmarks.md.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from resnet_jax import benchmark, compile_cache
+
+FLAGS = flags.FLAGS
+HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(HERE, "configs", "default.py"),
+    "Training config whose recipe (optimizer, weight decay, ...) the step uses.",
+)
+flags.DEFINE_list("model", ["resnet50"], "Registry name(s).")
+flags.DEFINE_list("batch_size", None, "Global batch size(s), over all devices and hosts.")
+flags.DEFINE_list("per_device_batch_size", None, "Batch size(s) per device (instead of --batch_size).")
+flags.DEFINE_list("image_size", ["224"], "Image size(s) in pixels.")
+flags.DEFINE_list("dtype", ["float32"], "Compute dtype(s): float32, bfloat16, float16.")
+flags.DEFINE_integer("steps", 50, "Timed steps per configuration.")
+flags.DEFINE_integer("warmup_steps", 5, "Untimed steps after compiling.")
+flags.DEFINE_string("mode", "train", "train (forward, backward, update) or eval (inference).")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: table by device kind).")
+flags.DEFINE_string("json", None, "Write the rows of figures to this JSON file.")
+flags.DEFINE_string("data", None, "Feed the step from this dataset spec instead of device-made batches.")
+flags.DEFINE_integer("seed", 0, "Seed for init and the synthetic batch.")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    None,
+    "Persistent compilation cache (default ~/.cache/resnet_jax/jax_cache; '' off).",
+)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU VMs, SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: address:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        benchmark.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+        )
+        compile_cache.enable_compilation_cache(FLAGS.compilation_cache_dir)
+        options = benchmark.Options(
+            models=tuple(FLAGS.model),
+            batch_sizes=benchmark.parse_sizes("--batch_size", FLAGS.batch_size),
+            per_device_batch_sizes=benchmark.parse_sizes(
+                "--per_device_batch_size", FLAGS.per_device_batch_size
+            ),
+            image_sizes=benchmark.parse_sizes("--image_size", FLAGS.image_size),
+            dtypes=tuple(FLAGS.dtype),
+            steps=FLAGS.steps,
+            warmup_steps=FLAGS.warmup_steps,
+            mode=FLAGS.mode,
+            peak_tflops=FLAGS.peak_tflops,
+            data=FLAGS.data,
+            seed=FLAGS.seed,
+        )
+        used = {
+            f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__]) if f.name != "config"
+        }
+        used |= {"config": FLAGS.config.to_dict(), "argv": sys.argv[1:]}
+        benchmark.main(options, FLAGS.config, json_path=FLAGS.json, flags=used)
+    except (benchmark.BenchmarkError, compile_cache.CompilationCacheError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
