@@ -34,7 +34,8 @@ flags.DEFINE_integer("seed", 0, "Seed for init and the synthetic batch.")
 flags.DEFINE_string(
     "compilation_cache_dir",
     None,
-    "Persistent compilation cache (default ~/.cache/resnet_jax/jax_cache; '' off).",
+    "Persistent compilation cache (default: --config.compilation_cache_dir, whose None means "
+    "~/.cache/resnet_jax/jax_cache; '' off).",
 )
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU VMs, SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address:port of process 0.")
@@ -51,7 +52,10 @@ def main(argv):
         benchmark.initialize_distributed(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
         )
-        compile_cache.enable_compilation_cache(FLAGS.compilation_cache_dir)
+        cache_dir = FLAGS.compilation_cache_dir
+        if not FLAGS["compilation_cache_dir"].present:
+            cache_dir = FLAGS.config.get("compilation_cache_dir")
+        compile_cache.enable_compilation_cache(cache_dir)
         options = benchmark.Options(
             models=tuple(FLAGS.model),
             batch_sizes=benchmark.parse_sizes("--batch_size", FLAGS.batch_size),

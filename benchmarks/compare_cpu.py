@@ -9,8 +9,12 @@ Ours is `train.Trainer`'s step on the `configs/default.py` recipe (the same
 optimizer) as `benchmark.py` times it, with its extras (metrics, finite checks).
 
 The two are timed in alternating rounds so that a change in the machine's load
-hits both alike. If PyTorch is importable, the same network in eager PyTorch
-is timed too, for context (torch is not a dependency of the project).
+hits both alike; `vs ref` is the median over rounds of the reference's median
+step time over ours in the same round (above 1: ours is faster). `CPU s/step`
+and `compile CPU s` are this process's CPU time (all threads), which other load
+on the machine moves much less than wall time. If PyTorch is
+importable, the same network in eager PyTorch is timed too, for context (torch
+is not a dependency of the project); its `vs ref` compares whole-run medians.
 
     python benchmarks/compare_cpu.py [--configs resnet18_32,resnet56_32,resnet50_224] [--json FILE]
 """
@@ -56,10 +60,10 @@ class Setup:
 
 
 SETUPS = {
-    "resnet18_32": Setup("resnet18", 32, 128, 1000, 3, 3, (2, 2, 2, 2), False, False),
-    "resnet56_32": Setup("resnet56", 32, 128, 10, 3, 2, (9, 9, 9), False, True),
+    "resnet18_32": Setup("resnet18", 32, 128, 1000, 5, 2, (2, 2, 2, 2), False, False),
+    "resnet56_32": Setup("resnet56", 32, 128, 10, 4, 2, (9, 9, 9), False, True),
     # About 23 s a step on two cores: few steps.
-    "resnet50_224": Setup("resnet50", 224, 16, 1000, 2, 1, (3, 4, 6, 3), True, False),
+    "resnet50_224": Setup("resnet50", 224, 16, 1000, 3, 1, (3, 4, 6, 3), True, False),
 }
 MEAN, STD = 127.5, 73.9  # what the synthetic dataset reports, uint8 units
 
@@ -155,13 +159,13 @@ def compile_reference(setup: Setup, batch: dict) -> benchmark.CompiledCase:
 
     t0 = time.perf_counter()
     state = jax.block_until_ready(jax.jit(init)(jax.random.key(0)))
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     lowered = jax.jit(functools.partial(reference_step, model=model, tx=tx), donate_argnums=0).lower(
         state, batch
     )
     t2 = time.perf_counter()
     compiled = lowered.compile()
-    t3 = time.perf_counter()
+    t3, cpu3 = time.perf_counter(), time.process_time()
     case = benchmark.Case(setup.model, setup.image_size, "float32", setup.batch_size)
     return benchmark.CompiledCase(
         case=case,
@@ -173,6 +177,7 @@ def compile_reference(setup: Setup, batch: dict) -> benchmark.CompiledCase:
         init_seconds=t1 - t0,
         lowering_seconds=t2 - t1,
         xla_compile_seconds=t3 - t2,
+        compile_cpu_seconds=cpu3 - cpu1,
     )
 
 
@@ -265,10 +270,12 @@ def time_torch(setup: Setup, steps: int) -> dict[str, Any] | None:
 
     step()  # warmup
     times = []
+    cpu0 = time.process_time()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    cpu_seconds_per_step = (time.process_time() - cpu0) / steps
     seconds = np.asarray(times)
     return {
         "implementation": f"PyTorch {torch.__version__} eager",
@@ -277,6 +284,7 @@ def time_torch(setup: Setup, steps: int) -> dict[str, Any] | None:
         "step_time_p90_ms": float(np.percentile(seconds, 90)) * 1e3,
         "compile_seconds": None,
         "flops_per_image": None,
+        "cpu_seconds_per_step": cpu_seconds_per_step,
         "threads": torch.get_num_threads(),
     }
 
@@ -301,25 +309,44 @@ def compare(setup: Setup, mesh: jax.sharding.Mesh, with_torch: bool) -> list[dic
     for compiled in (ours, reference):
         compiled.run(1)  # warmup
     times: dict[str, list[float]] = {"ours": [], "reference": []}
+    cpu_seconds = {"ours": 0.0, "reference": 0.0}
+    round_ratios = []
     for r in range(setup.rounds):
         benchmark.progress(f"    round {r + 1}/{setup.rounds}: {setup.steps} step(s) each")
-        times["ours"] += ours.run(setup.steps)
-        times["reference"] += reference.run(setup.steps)
+        round_times = {}
+        for key, compiled in (("ours", ours), ("reference", reference)):
+            cpu0 = time.process_time()
+            round_times[key] = compiled.run(setup.steps)
+            cpu_seconds[key] += time.process_time() - cpu0
+            times[key] += round_times[key]
+        round_ratios.append(np.median(round_times["reference"]) / np.median(round_times["ours"]))
     rows = [
-        {"implementation": name, **benchmark.figures(compiled, times[key], options, config, mesh)}
-        for name, key, compiled in (
-            ("resnet_jax train step", "ours", ours),
-            ("reference jax.jit step", "reference", reference),
+        {
+            "implementation": name,
+            **benchmark.figures(compiled, times[key], options, config, mesh),
+            "speed_vs_reference": ratio,
+            "cpu_seconds_per_step": cpu_seconds[key] / len(times[key]),
+        }
+        for name, key, compiled, ratio in (
+            ("resnet_jax train step", "ours", ours, float(np.median(round_ratios))),
+            ("reference jax.jit step", "reference", reference, 1.0),
         )
     ]
     if with_torch:
         benchmark.progress("    PyTorch")
         torch_row = time_torch(setup, setup.rounds * setup.steps)
         if torch_row is not None:
+            torch_row["speed_vs_reference"] = (
+                rows[1]["step_time_median_ms"] / torch_row["step_time_median_ms"]
+            )
             rows.append(
                 {**{k: rows[0][k] for k in ("model", "image_size", "batch_size", "dtype")}, **torch_row}
             )
     return rows
+
+
+def optional(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 COLUMNS = [
@@ -328,7 +355,10 @@ COLUMNS = [
     ("img/s", lambda r: f"{r['images_per_sec']:.1f}"),
     ("median ms", lambda r: f"{r['step_time_median_ms']:.0f}"),
     ("p90 ms", lambda r: f"{r['step_time_p90_ms']:.0f}"),
-    ("compile s", lambda r: "-" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"),
+    ("vs ref", lambda r: f"{r['speed_vs_reference']:.2f}x"),
+    ("CPU s/step", lambda r: optional(r.get("cpu_seconds_per_step"), "{:.1f}")),
+    ("compile s", lambda r: optional(r["compile_seconds"], "{:.1f}")),
+    ("compile CPU s", lambda r: optional(r.get("compile_cpu_seconds"), "{:.1f}")),
     ("GFLOP/img", lambda r: "-" if not r["flops_per_image"] else f"{r['flops_per_image'] / 1e9:.3f}"),
 ]
 

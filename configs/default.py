@@ -13,14 +13,25 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = "resnet50"
     config.dtype = "float32"  # compute dtype; params stay float32
     config.zero_init_residual = True  # last BatchNorm scale of each residual branch starts at 0
+    config.activation = "relu"  # relu | tanh | sigmoid
 
     # Data: digits | synthetic | tfds:NAME | folder:PATH. Classes and image shape come from the data.
     config.dataset = "tfds:imagenet2012"
-    config.data_dir = None  # where tfds keeps prepared data (None: tfds default)
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data dir (None: tfds default)
     config.image_size = 224
-    config.augment = "auto"
+    config.augment = "auto"  # auto | cifar | imagenet | shift | none (auto: by dataset and image size)
+    config.train_split = "train"  # tfds split names
+    config.eval_split = "auto"  # auto: validation if the dataset has one, else test
+    config.folder_eval_fraction = 0.1  # folder: without train/ and val/, this share of each class is eval
+    config.num_workers = -1  # grain worker processes per host; -1: 0 for in-memory data, else one per core
     config.batch_size = 256  # global, over all devices and hosts
     config.eval_batch_size = 0  # 0: same as batch_size
+    # Micro-batches per step (gradients averaged, one optimizer update): batch_size // k examples
+    # go through the model at a time. BatchNorm normalises each micro-batch on its own.
+    config.grad_accum_steps = 1
+    # BatchNorm statistics in training: 0 = over the whole (micro-)batch on all devices ("sync BN");
+    # k = over groups of k examples, like per-device BN in pmap codes (k must divide each device's share).
+    config.bn_group_size = 0
 
     # Length: num_train_steps > 0 overrides num_epochs.
     config.num_epochs = 90.0

@@ -14,6 +14,7 @@ for the host and the interval between completions is the step time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -35,6 +36,7 @@ from resnet_jax.config_checks import ConfigError, check_config
 
 MODES = ("train", "eval")
 DEVICE_DATA = "device"  # the `data` value of rows whose batches were made on the devices
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring event of a persistent-cache hit
 
 # Dense (no sparsity) peak FLOP/s per device, by compute dtype. float32 on NVIDIA Ampere and newer
 # is the TF32 tensor-core rate (XLA's default precision lets cuDNN/cuBLAS use TF32); on TPU,
@@ -326,6 +328,22 @@ def pipeline_batches(trainer: train.Trainer, config: ml_collections.ConfigDict, 
     return (parallel.to_global(batch, trainer.batch_sharding) for batch in local)
 
 
+@contextlib.contextmanager
+def count_cache_hits() -> Iterator[list[str]]:
+    """The persistent compilation cache's hits while the block runs, from JAX's monitoring events."""
+    hits: list[str] = []
+
+    def listener(event: str, **_: Any) -> None:
+        if event == CACHE_HIT_EVENT:
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield hits
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+
+
 def time_steps(
     step: Callable[[Any, dict], tuple[Any, Any]], state: Any, batches: Iterator[dict], steps: int
 ) -> tuple[Any, list[float]]:
@@ -364,6 +382,8 @@ class CompiledCase:
     init_seconds: float
     lowering_seconds: float
     xla_compile_seconds: float
+    compile_cache_hit: bool = False  # loaded from the persistent cache: the compile time is a load time
+    compile_cpu_seconds: float | None = None  # process CPU time of lowering + compiling (all threads)
 
     def run(self, steps: int) -> list[float]:
         """Time `steps` steps (carrying the state on, since the step donates it)."""
@@ -392,11 +412,12 @@ def compile_case(
     first = next(batches)
 
     jitted = trainer.train_step if train_mode else trainer.eval_step
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     lowered = jitted.lower(state, first)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
+    with count_cache_hits() as hits:
+        compiled = lowered.compile()
+    t2, cpu2 = time.perf_counter(), time.process_time()
     return CompiledCase(
         case=case,
         step=compiled if train_mode else (lambda s, b: (s, compiled(s, b))),
@@ -407,6 +428,8 @@ def compile_case(
         init_seconds=init_seconds,
         lowering_seconds=t1 - t0,
         xla_compile_seconds=t2 - t1,
+        compile_cache_hit=bool(hits),
+        compile_cpu_seconds=cpu2 - cpu0,
     )
 
 
@@ -448,6 +471,8 @@ def figures(
         "compile_seconds": compiled.lowering_seconds + compiled.xla_compile_seconds,
         "lowering_seconds": compiled.lowering_seconds,
         "xla_compile_seconds": compiled.xla_compile_seconds,
+        "compile_cache_hit": compiled.compile_cache_hit,
+        "compile_cpu_seconds": compiled.compile_cpu_seconds,
         "init_seconds": compiled.init_seconds,
         "flops_per_step_per_device": flops,
         "flops_per_image": flops * devices / case.batch_size if flops else None,
@@ -470,7 +495,8 @@ def run_case(
     """Compile, warm up and time one configuration; return its row of figures."""
     compiled = compile_case(case, options, config, dataset, mesh)
     progress(
-        f"    compiled in {compiled.lowering_seconds + compiled.xla_compile_seconds:.1f}s "
+        f"    {'loaded from the compilation cache' if compiled.compile_cache_hit else 'compiled'} in "
+        f"{compiled.lowering_seconds + compiled.xla_compile_seconds:.1f}s "
         f"(lowering {compiled.lowering_seconds:.1f}s); {options.warmup_steps} warmup steps"
     )
     if options.warmup_steps:
@@ -521,6 +547,7 @@ TABLE_COLUMNS = [
     ("median ms", "step_time_median_ms", "{:.1f}"),
     ("p90 ms", "step_time_p90_ms", "{:.1f}"),
     ("compile s", "compile_seconds", "{:.1f}"),
+    ("cached", "compile_cache_hit", "yesno"),
     ("TFLOP/s/dev", "tflops_per_sec_per_device", "{:.2f}"),
     ("MFU", "mfu", "{:.1%}"),
     ("peak mem GiB", "peak_memory_bytes", "gib"),
@@ -532,6 +559,8 @@ def _cell(value: Any, fmt: str) -> str:
         return "-"
     if fmt == "gib":
         return f"{value / 2**30:.2f}"
+    if fmt == "yesno":
+        return "yes" if value else "no"
     return fmt.format(value)
 
 

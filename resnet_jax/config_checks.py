@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any
 
-from resnet_jax import data, models, optim
+from resnet_jax import augment, data, models, optim
 
 
 class ConfigError(ValueError):
@@ -34,8 +34,10 @@ def check_config(config: Any, workdir: str | None = None) -> None:
     try:
         models.check_choice("config.model", config.model, models.names())
         models.check_choice("config.dtype", config.dtype, tuple(models.DTYPES))
+        models.check_choice("config.activation", config.get("activation", "relu"), tuple(models.ACTIVATIONS))
         models.check_choice("config.optimizer", config.optimizer, optim.OPTIMIZERS)
         models.check_choice("config.lr_schedule", config.lr_schedule, optim.SCHEDULES)
+        models.check_choice("config.augment", config.get("augment", "auto"), augment.AUGMENTATIONS)
         try:
             data.parse_spec(config.dataset)
         except ValueError as e:
@@ -46,6 +48,17 @@ def check_config(config: Any, workdir: str | None = None) -> None:
         _positive_int(config, key)
     if config.get("eval_batch_size", 0):
         _positive_int(config, "eval_batch_size")
+    if "grad_accum_steps" in config:
+        _positive_int(config, "grad_accum_steps")
+    if config.get("bn_group_size", 0):
+        _positive_int(config, "bn_group_size")
+    workers = config.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
+        raise ConfigError(
+            f"config.num_workers={workers!r} must be -1 (auto), 0 (no worker processes) or more"
+        )
+    if not 0.0 < config.get("folder_eval_fraction", 0.1) < 1.0:
+        raise ConfigError(f"config.folder_eval_fraction={config.folder_eval_fraction!r} must be in (0, 1)")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ConfigError(f"config.label_smoothing={config.label_smoothing!r} must be in [0, 1)")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:

@@ -9,13 +9,19 @@ last batch with masked examples so that every example counts exactly once.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
+from resnet_jax import augment, sources
+
 SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
+STATS_SAMPLES = 256  # examples that estimate mean/std when the dataset's are not known
 Example = dict[str, Any]
 
 
@@ -32,6 +38,7 @@ class DatasetInfo:
     num_train: int
     num_eval: int
     eval_crop: float = 1.0  # eval: resize the shorter side to size / eval_crop, then center-crop
+    augment: str = "none"  # the train augmentation in use (augment.AUGMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,80 +60,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     raise ValueError(f"dataset={spec!r} is not a dataset spec; use one of: {', '.join(SPEC_FORMS)}")
 
 
-# ---------------------------------------------------------------- sources
-
-
-class ArraySource:
-    """A random-access source over in-memory arrays (grain's RandomAccessDataSource protocol)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Example:
-        return {"image": self.images[index], "label": np.int32(self.labels[index])}
-
-
-class SyntheticSource:
-    """Random images and labels, a pure function of the index (no memory, any length)."""
-
-    def __init__(self, length: int, image_shape: tuple[int, int, int], num_classes: int, salt: int):
-        self.length, self.image_shape, self.num_classes, self.salt = length, image_shape, num_classes, salt
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Example:
-        rng = np.random.default_rng((self.salt, index))
-        image = rng.integers(0, 256, self.image_shape, dtype=np.uint8)
-        return {"image": image, "label": np.int32(rng.integers(self.num_classes))}
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize a uint8 NHWC stack exactly as `predict` will resize an image file."""
-    if images.shape[1:3] == (size, size):
-        return images
-    return np.stack([resize_shorter_and_center_crop(image, size) for image in images])
-
-
-def decode_image(source: str | bytes, channels: int = 3) -> np.ndarray:
-    """A file path or encoded bytes -> uint8 HWC with `channels` (grayscale, palette, RGBA converted)."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        image = image.convert("L" if channels == 1 else "RGB")
-        array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
-
-
-def resize_shorter_and_center_crop(image: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
-    """The standard eval preprocessing: shorter side to size / crop, then the central size x size."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    short = round(size / crop)
-    new_h, new_w = (
-        (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-    )
-    if (new_h, new_w) != (h, w):
-        squeezed = image[..., 0] if image.shape[-1] == 1 else image
-        resized = Image.fromarray(squeezed).resize((new_w, new_h), Image.BILINEAR)
-        image = np.asarray(resized, dtype=np.uint8).reshape(new_h, new_w, image.shape[-1])
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return image[top : top + size, left : left + size]
-
-
-def random_shift(example: Example, rng: np.random.Generator, pad: int) -> Example:
-    """Translate by up to `pad` pixels (zero fill): the light augmentation for digit-like images."""
-    image = example["image"]
-    h, w = image.shape[:2]
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-    return {**example, "image": padded[dy : dy + h, dx : dx + w]}
+# ---------------------------------------------------------------- datasets
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -134,31 +68,35 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(flat.mean(0).tolist()), tuple(np.maximum(flat.std(0), 1e-3).tolist())
 
 
-def load_digits(image_size: int, augment: str = "auto") -> Dataset:
+def estimate_stats(
+    source: Sequence[Example], transform: Callable[[Example], Example], samples: int = STATS_SAMPLES
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from evenly spaced examples: deterministic, so a resumed run normalises identically."""
+    indices = np.linspace(0, len(source) - 1, min(samples, len(source))).round().astype(int)
+    return channel_stats(np.stack([transform(source[int(i)])["image"] for i in indices]))
+
+
+def load_digits(image_size: int, augment_style: str = "auto") -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 real images); fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
     digits = sklearn_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    images = resize_images(images, image_size)
+    images = np.stack([augment.resize_shorter_and_center_crop(image, image_size) for image in images])
     train_x, eval_x, train_y, eval_y = train_test_split(
         images, digits.target, test_size=0.2, stratify=digits.target, random_state=0
     )
-    mean, std = channel_stats(train_x)
-    info = DatasetInfo(
+    found = sources.Found(
         name="digits",
-        num_classes=10,
-        image_shape=(image_size, image_size, 1),
-        mean=mean,
-        std=std,
+        train=sources.ArraySource(train_x, train_y),
+        eval=sources.ArraySource(eval_x, eval_y),
         class_names=tuple(str(d) for d in range(10)),
-        num_train=len(train_y),
-        num_eval=len(eval_y),
+        channels=1,
+        source_size=image_size,
+        stats=channel_stats(train_x),  # exact: the whole train split is in memory
     )
-    pad = max(1, image_size // 8)
-    shift = (lambda ex, rng: random_shift(ex, rng, pad)) if augment != "none" else _keep
-    return Dataset(info, ArraySource(train_x, train_y), ArraySource(eval_x, eval_y), shift, _identity)
+    return assemble(found, image_size, augment_style)
 
 
 # ImageNet-sized epochs so that epoch-based schedules look like the real run.
@@ -168,39 +106,71 @@ SYNTHETIC_SIZES = {"classes": 1000, "train": 1_281_167, "eval": 10_000}
 def load_synthetic(image_size: int) -> Dataset:
     shape = (image_size, image_size, 3)
     classes = SYNTHETIC_SIZES["classes"]
-    info = DatasetInfo(
+    found = sources.Found(
         name="synthetic",
-        num_classes=classes,
-        image_shape=shape,
-        mean=(127.5,) * 3,
-        std=(73.9,) * 3,  # uniform on 0..255
+        train=sources.SyntheticSource(SYNTHETIC_SIZES["train"], shape, classes, salt=0),
+        eval=sources.SyntheticSource(SYNTHETIC_SIZES["eval"], shape, classes, salt=1),
         class_names=tuple(f"class_{i}" for i in range(classes)),
-        num_train=SYNTHETIC_SIZES["train"],
-        num_eval=SYNTHETIC_SIZES["eval"],
+        channels=3,
+        source_size=image_size,
+        stats=((127.5,) * 3, (73.9,) * 3),  # uniform on 0..255
     )
-    train = SyntheticSource(info.num_train, shape, classes, salt=0)
-    eval_ = SyntheticSource(info.num_eval, shape, classes, salt=1)
-    return Dataset(info, train, eval_, _keep, _identity)
+    return assemble(found, image_size, "none")
 
 
-def _keep(example: Example, rng: np.random.Generator) -> Example:
-    return example
-
-
-def _identity(example: Example) -> Example:
-    return example
+def assemble(found: sources.Found, image_size: int, augment_style: str) -> Dataset:
+    """Sources + the augmentation for the data and size + statistics -> a `Dataset`."""
+    style = augment.choose(augment_style, found.name, found.source_size, image_size)
+    crop = augment.IMAGENET_EVAL_CROP if style == "imagenet" else 1.0
+    eval_transform = augment.EvalTransform(image_size, found.channels, crop)
+    mean, std = found.stats or estimate_stats(found.train, eval_transform)
+    info = DatasetInfo(
+        name=found.name,
+        num_classes=len(found.class_names),
+        image_shape=(image_size, image_size, found.channels),
+        mean=tuple(mean),
+        std=tuple(std),
+        class_names=found.class_names,
+        num_train=len(found.train),
+        num_eval=len(found.eval),
+        eval_crop=crop,
+        augment=style,
+    )
+    train_transform = augment.TrainTransform(style, image_size, found.channels)
+    return Dataset(info, found.train, found.eval, train_transform, eval_transform)
 
 
 def load(config: Any) -> Dataset:
-    """Build the dataset named by `config.dataset` at `config.image_size`."""
-    kind, _ = parse_spec(config.dataset)
+    """Build the dataset named by `config.dataset` at `config.image_size`.
+
+    Raises `sources.DatasetError` (a ValueError) with a message that says what is wrong and how to fix it.
+    """
+    kind, arg = parse_spec(config.dataset)
+    style = config.get("augment", "auto")
     if kind == "digits":
-        return load_digits(config.image_size, config.get("augment", "auto"))
+        return load_digits(config.image_size, style)
     if kind == "synthetic":
         return load_synthetic(config.image_size)
-    raise NotImplementedError(
-        f"dataset={config.dataset!r}: {kind}: specs are not implemented yet; use digits or synthetic"
-    )
+    if kind == "tfds":
+        found = sources.find_tfds(
+            config.dataset,
+            arg,
+            config.get("data_dir"),
+            config.get("train_split", "train"),
+            config.get("eval_split", "auto"),
+        )
+    else:
+        found = sources.find_folder(config.dataset, arg, config.get("folder_eval_fraction", 0.1))
+    return assemble(found, config.image_size, style)
+
+
+def write_class_names(info: DatasetInfo, workdir: str) -> str:
+    """WORKDIR/class_names.json: index -> name, so that predictions map back to the dataset's labels."""
+    path = os.path.join(workdir, "class_names.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(list(info.class_names), f, indent=0)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 # ---------------------------------------------------------------- loaders
@@ -210,6 +180,30 @@ def stack_examples(examples: Sequence[Example]) -> Example:
     return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
+def resolve_workers(num_workers: int, dataset: Dataset) -> int:
+    """config.num_workers: -1 = auto (none for in-memory data, else one per core up to 16)."""
+    if num_workers >= 0:
+        return num_workers
+    in_memory = isinstance(dataset.train_source, sources.ArraySource | sources.SyntheticSource)
+    return 0 if in_memory else min(16, os.cpu_count() or 1)
+
+
+def _workers_unavailable() -> str | None:
+    """Why grain's spawned worker processes cannot start here, or None when they can."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        return f"the main program ({main_file}) cannot be re-imported by spawned worker processes"
+    return None
+
+
+def _prepare_grain_workers() -> None:
+    """grain's worker start reads absl flags, which a notebook or a plain script never parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_loader(
     dataset: Dataset,
     *,
@@ -217,21 +211,31 @@ def train_loader(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    num_workers: int = 0,
 ) -> grain.DatasetIterator:
     """Endless host-local train batches: a fresh seeded shuffle every epoch, augmented.
 
-    Process p takes examples p, p + P, p + 2P, ... of the global order, so the
-    global batch is the same whatever the number of processes.
+    Process p takes examples p, p + P, p + 2P, ... of the global order, augmented by their global
+    index, so the set of examples in a global batch and their augmentation do not depend on the
+    number of processes. With `num_workers > 0`, grain worker processes read,
+    decode and augment; the batches (and the checkpointable iterator state) are the same as without.
     """
     local_batch = global_batch_size // process_count
     ds = (
         grain.MapDataset.source(dataset.train_source)
         .seed(seed)
         .shuffle()
-        .repeat(None)[process_index::process_count]
-        .random_map(dataset.train_transform)
+        .repeat(None)
+        .random_map(dataset.train_transform)[process_index::process_count]
         .batch(local_batch, drop_remainder=True, batch_fn=stack_examples)
     )
+    if num_workers > 0:
+        reason = _workers_unavailable()
+        if reason is None:
+            _prepare_grain_workers()
+            iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+            return iter(iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
+        sources.warn(f"num_workers={num_workers} ignored, loading in threads: {reason}")
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 
@@ -241,20 +245,36 @@ def eval_batches(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
+    num_threads: int = 2,
 ) -> Iterator[Example]:
-    """Host-local eval batches with a `mask`; padding examples (mask 0) complete the last one."""
+    """Host-local eval batches with a `mask`: padding (and unreadable files) have mask 0.
+
+    Every example of the split counts exactly once, whatever the batch size and process count.
+    """
     source, n = dataset.eval_source, len(dataset.eval_source)
     num_batches = -(-n // global_batch_size)
-    blank = dataset.eval_transform(source[0])
+    shape = dataset.info.image_shape
 
     def example(index: int) -> Example:
         if index < n:
-            return {**dataset.eval_transform(source[index]), "mask": np.float32(1)}
-        return {key: np.zeros_like(value) for key, value in blank.items()} | {"mask": np.float32(0)}
+            ex = dataset.eval_transform(source[index])
+            mask = np.float32(ex.get("valid", 1))
+            return {"image": ex["image"], "label": np.int32(ex["label"]), "mask": mask}
+        return {"image": np.zeros(shape, np.uint8), "label": np.int32(0), "mask": np.float32(0)}
 
     ds = (
         grain.MapDataset.range(num_batches * global_batch_size)[process_index::process_count]
         .map(example)
         .batch(global_batch_size // process_count, batch_fn=stack_examples)
     )
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--benchmark"]:
+        sys.exit(
+            "usage: python -m resnet_jax.data --benchmark [options]  (see resnet_jax/loader_benchmark.py)"
+        )
+    from resnet_jax import loader_benchmark
+
+    sys.exit(loader_benchmark.main(sys.argv[2:]))

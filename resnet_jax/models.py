@@ -50,6 +50,53 @@ class Identity(nn.Module):
         return x
 
 
+class GhostBatchNorm(nn.Module):
+    """BatchNorm whose training statistics come from groups of `group_size` consecutive examples.
+
+    Hoffer et al. (2017)'s "ghost" BatchNorm, and what pmap codes and the MLPerf ResNet recipe get
+    from per-device statistics. The variables are `nn.BatchNorm`'s (params `scale`, `bias`;
+    batch_stats `mean`, `var`), so checkpoints and imported weights carry over; the running
+    statistics move towards the average of the groups' statistics. Reshaping the batch into
+    groups keeps a batch sharded over devices local as long as each device holds whole groups:
+    no `shard_map` and no communication beyond the running averages.
+    """
+
+    group_size: int
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, jnp.float32)
+        bias = self.param("bias", self.bias_init, features, jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var, groups = ra_mean.value, ra_var.value, x32
+        else:
+            if x.shape[0] % self.group_size:
+                raise ValueError(
+                    f"bn_group_size={self.group_size} does not divide the batch of {x.shape[0]} examples "
+                    f"reaching {self.name}"
+                )
+            groups = x32.reshape(x.shape[0] // self.group_size, self.group_size, *x.shape[1:])
+            axes = tuple(range(1, groups.ndim - 1))
+            mean = groups.mean(axes, keepdims=True)
+            var = jnp.maximum(0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(mean))
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(features)
+                ra_var.value = m * ra_var.value + (1 - m) * var.mean(0).reshape(features)
+        y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.reshape(x.shape).astype(self.dtype)
+
+
 class Shortcut(nn.Module):
     """The skip path: identity, projection (1x1 conv + norm), or option A (subsample + zero-pad)."""
 
@@ -182,6 +229,7 @@ class ResNet(nn.Module):
     shortcut: str | None = "projection"
     zero_init_residual: bool = True
     norm: str = "batch"
+    bn_group_size: int = 0  # 0: statistics over the whole batch; k: over groups of k examples
     activation: str = "relu"
     dtype: Any = jnp.float32
 
@@ -198,9 +246,14 @@ class ResNet(nn.Module):
         def padded_conv(filters, kernel, strides=(1, 1), **kw):
             return conv(filters, kernel, strides, padding=torch_padding(kernel[0]), **kw)
 
+        batch_norm = (
+            functools.partial(GhostBatchNorm, group_size=self.bn_group_size)
+            if self.bn_group_size
+            else nn.BatchNorm
+        )
         norm = (
             functools.partial(
-                nn.BatchNorm,
+                batch_norm,
                 use_running_average=not train,
                 momentum=0.9,
                 epsilon=1e-5,
@@ -301,6 +354,7 @@ def create(
     dtype: str | Any = "float32",
     zero_init_residual: bool = True,
     norm: str = "batch",
+    bn_group_size: int = 0,
     activation: str = "relu",
 ) -> ResNet:
     """Build a registry model; the module is a pure function of params and batch_stats."""
@@ -312,10 +366,15 @@ def create(
         dtype = DTYPES[dtype]
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive integer")
+    if isinstance(bn_group_size, bool) or not isinstance(bn_group_size, int) or bn_group_size < 0:
+        raise ValueError(f"bn_group_size={bn_group_size!r} must be 0 (whole batch) or a positive integer")
+    if bn_group_size and norm != "batch":
+        raise ValueError(f"bn_group_size={bn_group_size} needs norm='batch', not norm={norm!r}")
     return ResNet(
         num_classes=num_classes,
         zero_init_residual=zero_init_residual,
         norm=norm,
+        bn_group_size=bn_group_size,
         activation=activation,
         dtype=dtype,
         **MODELS[name],

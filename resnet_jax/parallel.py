@@ -1,4 +1,4 @@
-"""Device mesh, shardings and host-local <-> global arrays.
+"""Device mesh, shardings, host-local <-> global arrays, and joining a multi-process run.
 
 One `Mesh` over every device of every host with a single `data` axis: batches
 are split along it, the train state is replicated. Under `jax.jit` with these
@@ -31,28 +31,69 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(key: str, global_batch_size: int, mesh: Mesh) -> int:
-    """The per-process share of a global batch; raise if it does not split evenly over devices."""
+def check_batch_size(
+    key: str, global_batch_size: int, mesh: Mesh, *, grad_accum_steps: int = 1, bn_group_size: int = 0
+) -> int:
+    """The per-process share of a global batch; raise unless it splits evenly.
+
+    Every device gets the same share of each of the `grad_accum_steps` micro-batches, and with
+    `bn_group_size` k > 0 that share must hold whole BatchNorm groups of k examples.
+    """
     num_devices = mesh.devices.size
+    if num_devices < 1:
+        raise ValueError("the device mesh is empty: no JAX devices to train on")
     if global_batch_size < 1:
         raise ValueError(f"{key}={global_batch_size} must be a positive integer")
-    if global_batch_size % num_devices:
-        lower = global_batch_size // num_devices * num_devices
+    unit = num_devices * grad_accum_steps * max(bn_group_size, 1)
+    if global_batch_size % unit:
+        over = f"{num_devices} device{'s' if num_devices > 1 else ''}"
+        if grad_accum_steps > 1:
+            over += f" x grad_accum_steps={grad_accum_steps} micro-batches"
+        if bn_group_size:
+            over += f" x bn_group_size={bn_group_size} examples per BatchNorm group"
+        lower = global_batch_size // unit * unit or unit
         raise ValueError(
-            f"{key}={global_batch_size} does not divide over {num_devices} devices; "
-            f"use a multiple of {num_devices} (e.g. {lower or num_devices} or {lower + num_devices})"
+            f"{key}={global_batch_size} does not divide over {over}; "
+            f"use a multiple of {unit} (e.g. {lower} or {lower + unit})"
         )
     return global_batch_size // jax.process_count()
 
 
-def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assemble each process's slice of the batch into one array sharded over the mesh."""
+def to_global(
+    batch: dict[str, np.ndarray], sharding: NamedSharding, global_batch_size: int | None = None
+) -> dict[str, jax.Array]:
+    """Assemble each process's slice of the batch into one array sharded over the mesh.
+
+    With `global_batch_size`, first check that this process holds exactly its devices' share.
+    """
+    if global_batch_size is not None:
+        local_devices = len(sharding.addressable_devices)
+        expected = global_batch_size * local_devices // sharding.num_devices
+        for key, value in batch.items():
+            if len(value) != expected:
+                raise ValueError(
+                    f"process {jax.process_index()} has {len(value)} rows of {key!r} for its "
+                    f"{local_devices} of {sharding.num_devices} devices; a global batch of "
+                    f"{global_batch_size} needs {expected} here"
+                )
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def is_primary() -> bool:
     """Only process 0 logs and writes metrics."""
     return jax.process_index() == 0
+
+
+def in_order(outputs: Any) -> Any:
+    """`outputs`, finished first when several CPU processes share collectives (a no-op otherwise).
+
+    XLA's CPU client runs independent programs (the eval steps) concurrently, and their gloo
+    collectives can then meet in different orders on different processes and deadlock; GPUs and
+    TPUs run programs in order. Train steps are chained by the state and need no help.
+    """
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+        jax.block_until_ready(outputs)
+    return outputs
 
 
 def describe(mesh: Mesh) -> str:
@@ -62,3 +103,82 @@ def describe(mesh: Mesh) -> str:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
+
+
+# Clusters whose environment names every process (JAX's detection names); others need --distributed.
+AUTO_CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")
+
+
+def cluster_process_count() -> int:
+    """The number of processes of the job, as the cluster JAX detects says (1 without one).
+
+    JAX's own detection (Cloud TPU VMs, SLURM, Open MPI) lives in a private module; a JAX that
+    moved it counts as no cluster (pass `--distributed` then).
+    """
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        for env in ClusterEnv._cluster_types:
+            if env.name in AUTO_CLUSTERS and env.is_env_present():
+                return int(env.get_process_count())
+    except Exception:
+        pass
+    return 1
+
+
+def check_distributed_args(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    distributed: bool | None,
+) -> None:
+    """Raise a ValueError for flags that cannot describe a multi-process run."""
+    given = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    missing = [f"--{name}" for name, value in given.items() if value is None]
+    if len(missing) not in (0, 3):
+        raise ValueError(
+            "--coordinator_address, --num_processes and --process_id go together; missing "
+            f"{', '.join(missing)} (on Cloud TPU VMs and SLURM leave all three out)"
+        )
+    if missing:
+        return
+    if distributed is False:
+        raise ValueError("--nodistributed contradicts --coordinator_address/--num_processes/--process_id")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--num_processes={num_processes} --process_id={process_id}: need num_processes >= 1 "
+            "and 0 <= process_id < num_processes"
+        )
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"--coordinator_address={coordinator_address!r} must be HOST:PORT, e.g. 10.0.0.2:1234"
+        )
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    distributed: bool | None = None,
+) -> bool:
+    """Join a multi-process run (call it before any other JAX call); True when it joined.
+
+    `distributed` None (auto) joins when the three arguments are given or the cluster's environment
+    names more than one process; True always joins (JAX fills unset arguments from the
+    environment); False never.
+    """
+    check_distributed_args(coordinator_address, num_processes, process_id, distributed)
+    if jax.distributed.is_initialized():
+        return True
+    if distributed is False:
+        return False
+    if distributed is None and coordinator_address is None and cluster_process_count() < 2:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True

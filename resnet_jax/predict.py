@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 
-from resnet_jax import checkpoint, data
+from resnet_jax import augment, checkpoint
 from resnet_jax.inference import load_trained
 from resnet_jax.train import normalize
 
@@ -26,10 +26,10 @@ def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: 
     images = []
     for path in paths:
         try:
-            image = data.decode_image(path, channels)
+            image = augment.decode_image(path, channels)
         except (OSError, ValueError) as e:
             raise checkpoint.CheckpointError(f"cannot read image {path!r}: {e}") from None
-        images.append(data.resize_shorter_and_center_crop(image, height, info.eval_crop))
+        images.append(augment.resize_shorter_and_center_crop(image, height, info.eval_crop))
     variables = {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
     logits = jax.jit(lambda v, x: trained.model.apply(v, normalize(x, info.mean, info.std), train=False))(
         variables, np.stack(images)

@@ -15,9 +15,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from resnet_jax import checkpoint, data, metrics, models, optim, parallel
+from resnet_jax import checkpoint, data, metrics, models, optim, parallel, sources
 from resnet_jax.config_checks import ConfigError, check_config
 
 
@@ -35,6 +36,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> flax.li
         num_classes,
         dtype=config.dtype,
         zero_init_residual=config.get("zero_init_residual", True),
+        bn_group_size=config.get("bn_group_size", 0),
+        activation=config.get("activation", "relu"),
     )
 
 
@@ -70,6 +73,45 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
+def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) -> (k, B/k, ...) with micro-batch i = examples i, i + k, i + 2k, ...
+
+    Strided rather than contiguous, so that a batch sharded over devices stays where it is: each
+    device's rows form its share of every micro-batch (the batch check makes them divide by k).
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def join_micro_batches(x: jax.Array) -> jax.Array:
+    """The inverse of `split_micro_batches`: (k, B/k, ...) -> (B, ...) in the batch's order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def accumulate_gradients(
+    loss_and_grads: Any, state: TrainState, images: jax.Array, labels: jax.Array, k: int
+) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
+    """`loss_and_grads` over k micro-batches, one after the other in a `lax.scan`.
+
+    Returns what one call on the whole batch returns: the mean loss and gradient (the micro-batches
+    are equal in size), the logits in the batch's order, and the batch_stats after the last
+    micro-batch. BatchNorm normalises each micro-batch with its own statistics, and its running
+    averages take k momentum updates per step.
+    """
+
+    def micro_step(carry, micro_batch):
+        batch_stats, grad_sum = carry
+        (loss, (logits, batch_stats)), grads = loss_and_grads(batch_stats, *micro_batch)
+        return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads)), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    micro_batches = (split_micro_batches(images, k), split_micro_batches(labels, k))
+    (batch_stats, grad_sum), (losses, logits) = jax.lax.scan(
+        micro_step, (state.batch_stats, zeros), micro_batches
+    )
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    return (losses.mean(), (join_micro_batches(logits), batch_stats)), grads
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -81,21 +123,34 @@ def train_step(
     std: tuple[float, ...],
     label_smoothing: float = 0.0,
     skip_nonfinite: bool = False,
+    grad_accum_steps: int = 1,
 ) -> tuple[TrainState, metrics.TrainMetrics]:
-    """One optimizer step; a non-finite loss or gradient is counted (and skipped if asked)."""
+    """One optimizer step; a non-finite loss or gradient is counted (and skipped if asked).
+
+    With `grad_accum_steps` k > 1 the batch runs as k micro-batches (see `accumulate_gradients`)
+    and the optimizer steps once on their mean gradient.
+    """
     images = normalize(batch["image"], mean, std)
 
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return loss, (logits, updates["batch_stats"])
+    def loss_and_grads(batch_stats, images, labels):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = cross_entropy(logits, labels, label_smoothing).mean()
+            return loss, (logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+    if grad_accum_steps == 1:
+        (loss, (logits, batch_stats)), grads = loss_and_grads(state.batch_stats, images, batch["label"])
+    else:
+        (loss, (logits, batch_stats)), grads = accumulate_gradients(
+            loss_and_grads, state, images, batch["label"], grad_accum_steps
+        )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(updates)
@@ -157,9 +212,18 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, dataset: data.Dataset, mesh: jax.sharding.Mesh):
         self.config, self.dataset, self.mesh = config, dataset, mesh
         info = dataset.info
-        parallel.check_batch_size("config.batch_size", config.batch_size, mesh)
         self.eval_batch_size = config.get("eval_batch_size", 0) or config.batch_size
-        parallel.check_batch_size("config.eval_batch_size", self.eval_batch_size, mesh)
+        try:
+            parallel.check_batch_size(
+                "config.batch_size",
+                config.batch_size,
+                mesh,
+                grad_accum_steps=config.get("grad_accum_steps", 1),
+                bn_group_size=config.get("bn_group_size", 0),
+            )
+            parallel.check_batch_size("config.eval_batch_size", self.eval_batch_size, mesh)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.steps_per_epoch = max(1, info.num_train // config.batch_size)
         self.total_steps = (
             config.num_train_steps
@@ -183,6 +247,7 @@ class Trainer:
                 schedule=self.schedule,
                 label_smoothing=config.label_smoothing,
                 skip_nonfinite=config.get("skip_nonfinite_steps", False),
+                grad_accum_steps=config.get("grad_accum_steps", 1),
                 **stats,
             ),
             in_shardings=(replicated, batch_sharding),
@@ -203,7 +268,10 @@ class Trainer:
             process_count=jax.process_count(),
         )
         return metrics.merge_all(
-            [self.eval_step(state, parallel.to_global(b, self.batch_sharding)) for b in batches]
+            [
+                parallel.in_order(self.eval_step(state, parallel.to_global(b, self.batch_sharding)))
+                for b in batches
+            ]
         )
 
 
@@ -236,13 +304,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f"{trainer.steps_per_epoch}), global batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate}"
     )
+    num_workers = data.resolve_workers(config.get("num_workers", 0), dataset)
     batches = data.train_loader(
         dataset,
         global_batch_size=config.batch_size,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        num_workers=num_workers,
     )
+    if parallel.is_primary():
+        data.write_class_names(info, workdir)
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.get("keep_checkpoints", 3))
     t0 = time.perf_counter()
     state, start_step = restore_or_init(trainer, checkpoints, batches)
@@ -277,10 +349,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     unchecked: list[tuple[int, metrics.TrainMetrics]] = []
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
+    skipped = 0  # unreadable files the loader passed over this epoch (folder datasets)
     try:
         with checkpoint.PreemptionWatcher() as preemption:
             for step in range(start_step + 1, trainer.total_steps + 1):
-                batch = parallel.to_global(next(batches), trainer.batch_sharding)
+                local_batch = next(batches)
+                skipped += int(local_batch.pop("skipped", np.zeros(1)).sum())
+                batch = parallel.to_global(local_batch, trainer.batch_sharding, config.batch_size)
                 state, step_metrics = trainer.train_step(state, batch)
                 pending.append(step_metrics)
                 unchecked.append((step, step_metrics))
@@ -290,6 +365,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     log(f"step {step} done: compile + first step {time.perf_counter() - window_start:.1f}s")
                     window_start, window_steps = time.perf_counter(), 0
                 last = step == trainer.total_steps
+                if skipped and (step % trainer.steps_per_epoch == 0 or last):
+                    epoch = step / trainer.steps_per_epoch
+                    metrics.warn(f"epoch {epoch:.0f}: skipped {skipped} unreadable image(s)")
+                    writer.write_scalars(step, {"train_skipped_images": skipped})
+                    skipped = 0
                 if step % log_every == 0 or last:
                     scalars = metrics.summarize(metrics.merge_all(pending), "train")
                     elapsed = time.perf_counter() - window_start
@@ -315,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     finally:
         checkpoints.close()  # finish in-flight saves, also when the run stops on an error
         writer.close()
+        batches.close()  # stops grain's worker processes and frees their shared memory
     if start_step >= trainer.total_steps:
         log(f"already trained to step {start_step} of {trainer.total_steps}")
         evaluate_and_log(trainer, state, start_step, True)
@@ -363,4 +444,4 @@ def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict
 
 log = metrics.log
 # Errors whose message is the whole story: the CLI prints them without a traceback.
-USER_ERRORS = (ConfigError, checkpoint.CheckpointError, NonFiniteError)
+USER_ERRORS = (ConfigError, sources.DatasetError, checkpoint.CheckpointError, NonFiniteError)

@@ -30,3 +30,16 @@ def run_script(*args, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_compilation_cache(tmp_path_factory):
+    """A compilation cache per test session (and xdist worker), so that a test killed mid-write can
+    never leave a truncated entry in the user's ~/.cache for later runs."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -26,6 +26,7 @@ REQUIRED_FIELDS = {
     "device_count",
     "jax_version",
     "jaxlib_version",
+    "compile_cache_hit",
     "flags",
 }
 
@@ -82,16 +83,18 @@ def test_cli_sweep_writes_one_row_per_configuration_with_every_field(tmp_path, c
 
 
 def test_eval_mode_fed_by_the_input_pipeline(cache_dir, restore_cache_settings):
-    """Host-made synthetic batches through grain and `to_global`; init comes from the CLI test's cache."""
+    """Host-made synthetic batches through grain and `to_global`; a second run loads the compiled step."""
     from configs import default
 
-    compile_cache.enable_compilation_cache(str(cache_dir))
+    compile_cache.enable_compilation_cache(str(cache_dir), min_compile_seconds=0)
     options = benchmark.Options(
         models=("resnet20",), batch_sizes=(8,), image_sizes=(8,), mode="eval", data="synthetic", steps=3
     )
-    (row,) = benchmark.run(options, default.get_config())
-    assert row["mode"] == "eval" and row["data"] == "synthetic" and row["images_per_sec"] > 0
-    assert row["num_params"] > 0 and row["flops_per_image"] > 0
+    first, second = (benchmark.run(options, default.get_config())[0] for _ in range(2))
+    assert first["mode"] == "eval" and first["data"] == "synthetic" and first["images_per_sec"] > 0
+    assert first["num_params"] > 0 and first["flops_per_image"] > 0
+    # A load from the cache is reported as one, not passed off as a compile time.
+    assert not first["compile_cache_hit"] and second["compile_cache_hit"]
 
 
 def test_flops_and_mfu_of_a_single_convolution():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from resnet_jax import data
+from resnet_jax import data, sources
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,10 @@ def test_two_processes_read_disjoint_halves_of_each_global_batch(digits):
     # Labels alone are not unique; tag each example with its index to compare identities.
     tagged = data.Dataset(
         digits.info,
-        data.ArraySource(np.arange(1437, dtype=np.int64)[:, None, None, None], np.arange(1437)),
+        sources.ArraySource(np.arange(1437, dtype=np.int64)[:, None, None, None], np.arange(1437)),
         digits.eval_source,
-        data._keep,
-        data._identity,
+        lambda example, rng: example,
+        lambda example: example,
     )
     whole = take(data.train_loader(tagged, global_batch_size=64, seed=0), 5)
     parts = [
@@ -100,3 +100,13 @@ def test_synthetic_is_a_pure_function_of_the_index():
     np.testing.assert_array_equal(ds.train_source[5]["image"], ds.train_source[5]["image"])
     assert not np.array_equal(ds.train_source[5]["image"], ds.train_source[6]["image"])
     assert ds.info.num_classes == 1000 and ds.train_source[0]["image"].shape == (16, 16, 3)
+
+
+def test_augmentation_does_not_depend_on_the_number_of_processes(digits):
+    whole = take(data.train_loader(digits, global_batch_size=64, seed=0), 3)
+    for p in range(2):
+        part = take(
+            data.train_loader(digits, global_batch_size=64, seed=0, process_index=p, process_count=2), 3
+        )
+        for step in range(3):
+            np.testing.assert_array_equal(part[step]["image"], whole[step]["image"][p::2])
