@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from resnet_jax import checkpoint, data, parallel
+from resnet_jax import checkpoint, data, parallel, sources
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.inference import apply_overrides, load_trained
 from resnet_jax.train import Trainer
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         scores = evaluate_checkpoint(args.workdir, args.checkpoint, overrides)
-    except (checkpoint.CheckpointError, ConfigError) as e:
+    except (checkpoint.CheckpointError, ConfigError, sources.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from resnet_jax import checkpoint, data
+from resnet_jax import checkpoint, data, parallel
 from resnet_jax.train import TrainState, create_model
 
 
@@ -40,6 +41,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         config[key] = value
 
 
+def replicated_target(checkpoints: checkpoint.Checkpoints, step: int) -> Any:
+    """The saved state's shapes, replicated over this machine's devices.
+
+    Restoring onto the saved shardings would fail when the checkpoint was written by another device
+    layout (8 GPUs, two hosts) than the one evaluating it.
+    """
+    path = os.path.join(checkpoints.directory, str(step), "state")
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata
+    sharding = parallel.replicated(parallel.create_mesh())
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+
+
 def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
     """One checkpoint's params and batch_stats, with the config and dataset metadata saved beside them."""
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
@@ -47,7 +61,7 @@ def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
     items = checkpoints.manager.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(),
+            state=ocp.args.StandardRestore(replicated_target(checkpoints, step)),
             config=ocp.args.JsonRestore(),
             dataset=ocp.args.JsonRestore(),
         ),

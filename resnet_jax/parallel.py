@@ -85,13 +85,15 @@ def is_primary() -> bool:
 
 
 def in_order(outputs: Any) -> Any:
-    """`outputs`, finished first when several CPU processes share collectives (a no-op otherwise).
+    """`outputs`, finished first when several CPU devices share collectives (a no-op otherwise).
 
     XLA's CPU client runs independent programs (the eval steps) concurrently, and their gloo
-    collectives can then meet in different orders on different processes and deadlock; GPUs and
-    TPUs run programs in order. Train steps are chained by the state and need no help.
+    collectives can then meet in different orders on different processes and deadlock; with several
+    virtual devices in one process, concurrent programs compete for the same rendezvous threads (a
+    run on an oversubscribed CI machine once aborted there). GPUs and TPUs run programs in order.
+    Train steps are chained by the state and need no help.
     """
-    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+    if jax.device_count() > 1 and jax.devices()[0].platform == "cpu":
         jax.block_until_ready(outputs)
     return outputs
 
