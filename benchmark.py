@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import benchmark, compile_cache
+from resnet_jax import benchmark, compile_cache, parallel
 
 FLAGS = flags.FLAGS
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +37,12 @@ flags.DEFINE_string(
     "Persistent compilation cache (default: --config.compilation_cache_dir, whose None means "
     "~/.cache/resnet_jax/jax_cache; '' off).",
 )
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU VMs, SLURM, ...).")
+flags.DEFINE_bool(
+    "distributed",
+    None,
+    "Call jax.distributed.initialize(). Default: when the three flags below are given or JAX detects "
+    "a cluster (Cloud TPU VM, SLURM, Open MPI); --nodistributed runs alone.",
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: address:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -49,9 +54,12 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        benchmark.initialize_distributed(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
-        )
+        try:
+            parallel.initialize_distributed(
+                FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+            )
+        except ValueError as e:  # multi-host flags that do not go together
+            raise benchmark.BenchmarkError(str(e)) from None
         cache_dir = FLAGS.compilation_cache_dir
         if not FLAGS["compilation_cache_dir"].present:
             cache_dir = FLAGS.config.get("compilation_cache_dir")

@@ -599,16 +599,6 @@ def write_json(path: str, rows: Sequence[dict[str, Any]], flags: dict[str, Any])
         f.write("\n")
 
 
-def initialize_distributed(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None, auto: bool
-) -> None:
-    """Join a multi-host run when asked (explicit addresses, or `auto`: TPU VMs, SLURM, ...)."""
-    if auto or coordinator_address or (num_processes or 1) > 1:
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-        )
-
-
 def main(
     options: Options,
     base_config: ml_collections.ConfigDict,
