@@ -14,6 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = "float32"  # compute dtype; params stay float32
     config.zero_init_residual = True  # last BatchNorm scale of each residual branch starts at 0
     config.activation = "relu"  # relu | tanh | sigmoid
+    # Fine-tuning: start from the weights in this directory (`python -m resnet_jax.convert` output or a
+    # training workdir) when the workdir has no checkpoint yet; a classifier of another size starts fresh.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+    config.freeze_backbone = False  # linear probing: only fc learns; BatchNorm keeps its loaded statistics
 
     # Data: digits | synthetic | tfds:NAME | folder:PATH. Classes and image shape come from the data.
     config.dataset = "tfds:imagenet2012"
@@ -37,15 +41,48 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 90.0
     config.num_train_steps = -1
 
-    # Optimisation; the learning rate is for the global batch.
+    # Optimisation (resnet_jax/optim.py): sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
+    # | lars | lamb. learning_rate and weight_decay left at None take the optimizer's defaults
+    # (optim.DEFAULT_LEARNING_RATES / DEFAULT_WEIGHT_DECAYS; nesterov: 0.1 and 1e-4). The learning
+    # rate is for the global batch.
     config.optimizer = "nesterov"
-    config.learning_rate = 0.1
-    config.momentum = 0.9
+    config.learning_rate = ml_collections.config_dict.placeholder(float)
+    config.momentum = 0.9  # momentum, nesterov, lars
+    config.b1 = 0.9  # adam, adamw, lamb
+    config.b2 = 0.999
+    config.eps = ml_collections.config_dict.placeholder(float)  # None: the optimizer's own
+    config.rmsprop_decay = 0.9
+    config.adagrad_initial_accumulator = 0.1
+    config.trust_coefficient = ml_collections.config_dict.placeholder(float)  # lars 1e-3, lamb 1.0
+    config.weight_decay = ml_collections.config_dict.placeholder(float)
+    config.weight_decay_mode = "auto"  # coupled (L2) | decoupled | auto (decoupled for adamw/lars/lamb)
+    config.weight_decay_mask = "kernels"  # kernels (conv and dense) | all
+    config.grad_clip_norm = 0.0  # 0: no clipping
+
+    # Schedule: constant | step | cosine | linear | polynomial | onecycle, after a warmup.
     config.lr_schedule = "cosine"
     config.warmup_epochs = 5.0  # clipped to the run's length
-    config.weight_decay = 1e-4  # convolution and dense kernels only
+    config.warmup_style = "linear"  # linear: from warmup_factor x lr up to lr; constant: at it
+    config.warmup_factor = 0.0
+    config.lr_end_factor = 0.0  # cosine/linear/polynomial end at this x lr
+    config.lr_step_epochs = (30, 60, 80)  # step: multiply by lr_decay_factor at these epochs
+    config.lr_decay_factor = 0.1
+    config.lr_power = 2.0  # polynomial
+
+    # Regularisation.
     config.label_smoothing = 0.0
-    config.grad_clip_norm = 0.0  # 0: no clipping
+    config.mixup_alpha = 0.0  # > 0: mixup with lambda ~ Beta(alpha, alpha)
+    config.cutmix_alpha = 0.0  # > 0: cutmix; with both, one of the two per batch
+    config.mixup_switch_prob = 0.5  # with both: probability of cutmix
+    config.mixup_prob = 1.0  # probability that a batch is mixed at all
+    config.ema_decay = 0.0  # > 0: keep an EMA of params and BatchNorm statistics; evaluate it
+    config.drop_path_rate = 0.0  # stochastic depth, rising linearly to this over the blocks
+    config.dropout_rate = 0.0  # before the classifier
+
+    # Mixed precision: dtype float16 adds dynamic loss scaling (halve on overflow and skip the step,
+    # double after loss_scale_period good steps).
+    config.loss_scale_init = 2.0**15
+    config.loss_scale_period = 2000
 
     config.seed = 0  # init, data order and augmentation
 
@@ -55,6 +92,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0
     config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
     config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
+
+    # Watching a run (README "Watching a run"): progress = auto (a bar on a terminal, else lines) | bar |
+    # lines; eval_images = eval images with predicted labels in TensorBoard after each eval (0: none);
+    # profile_steps = "START:END" writes a jax.profiler trace of those steps to WORKDIR/profile ("": off).
+    config.progress = "auto"
+    config.eval_images = 8
+    config.profile_steps = ""
 
     # JAX's persistent compilation cache: None = ~/.cache/resnet_jax/jax_cache, '' = off.
     config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)

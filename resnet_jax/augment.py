@@ -52,15 +52,19 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_shorter_and_center_crop(image: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
-    """The standard eval preprocessing: shorter side to size / crop, then the central size x size."""
+    """The standard eval preprocessing: shorter side to size / crop, then the central size x size.
+
+    Sizes and offsets are torchvision's (`Resize` truncates the longer side, `CenterCrop` rounds the
+    offset half to even), so that imported torchvision/timm weights see the same pixels.
+    """
     h, w = image.shape[:2]
     short = round(size / crop)
     if h <= w:
-        new_h, new_w = short, max(short, round(w * short / h))
+        new_h, new_w = short, max(short, int(w * short / h))
     else:
-        new_h, new_w = max(short, round(h * short / w)), short
+        new_h, new_w = max(short, int(h * short / w)), short
     image = resize(image, new_h, new_w)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     return image[top : top + size, left : left + size]
 
 

@@ -401,7 +401,7 @@ def compile_case(
     """Build the trainer, initialise the state, make the input, and lower + compile the step."""
     trainer = train.Trainer(config, dataset, mesh)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(trainer.init(jax.random.key(options.seed)))
+    state = jax.block_until_ready(trainer.init(train.rng_key(options.seed)))
     init_seconds = time.perf_counter() - t0
 
     train_mode = options.mode == "train"

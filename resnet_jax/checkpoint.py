@@ -27,6 +27,11 @@ from resnet_jax import metrics
 
 # Changing any of these makes a checkpoint unusable (other parameter tree, data or optimizer state).
 INCOMPATIBLE_KEYS = ("model", "dataset", "image_size", "optimizer", "batch_size", "seed")
+# Keys that decide whether a part of the state exists: changing their value within a side is fine.
+STATE_LAYOUT = {
+    "ema_decay": lambda c: c.get("ema_decay", 0.0) > 0,
+    "dtype": lambda c: c.get("dtype") == "float16",  # the loss scale
+}
 
 
 class CheckpointError(RuntimeError):
@@ -210,6 +215,13 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def check_compatible(saved: dict[str, Any], config: Any, step: int, directory: str) -> list[str]:
     """Raise on an incompatible change; return the harmless changes (for the log)."""
     current = config_to_dict(config)
+    for key, in_state in STATE_LAYOUT.items():  # saved state trees with or without the EMA / loss scale
+        if key in saved and in_state(saved) != in_state(current):
+            raise CheckpointError(
+                f"cannot resume from step {step} in {directory}: config.{key} was {saved[key]!r} and is "
+                f"now {current.get(key)!r}, which {'adds' if in_state(current) else 'removes'} part of the "
+                f"saved state; use a new --workdir, or set config.{key}={saved[key]!r}"
+            )
     for key in INCOMPATIBLE_KEYS:
         if key in saved and saved[key] != current.get(key):
             raise CheckpointError(

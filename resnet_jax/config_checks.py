@@ -6,11 +6,32 @@ import os
 import tempfile
 from typing import Any
 
-from resnet_jax import augment, data, models, optim
+from resnet_jax import augment, data, models, optim, progress
 
 
 class ConfigError(ValueError):
     """A config value or workdir that cannot work; the message names the key, value and choices."""
+
+
+# key, low (inclusive), high (exclusive); None values (the optimizer's defaults) are not checked.
+RANGES = (
+    ("label_smoothing", 0.0, 1.0),
+    ("learning_rate", 1e-12, float("inf")),
+    ("weight_decay", 0.0, float("inf")),
+    ("momentum", 0.0, 1.0),
+    ("warmup_factor", 0.0, 1.0 + 1e-9),
+    ("lr_end_factor", 0.0, 1.0 + 1e-9),
+    ("lr_decay_factor", 0.0, 1.0 + 1e-9),
+    ("grad_clip_norm", 0.0, float("inf")),
+    ("mixup_alpha", 0.0, float("inf")),
+    ("cutmix_alpha", 0.0, float("inf")),
+    ("mixup_switch_prob", 0.0, 1.0 + 1e-9),
+    ("mixup_prob", 0.0, 1.0 + 1e-9),
+    ("ema_decay", 0.0, 1.0),
+    ("drop_path_rate", 0.0, 1.0),
+    ("dropout_rate", 0.0, 1.0),
+    ("loss_scale_init", 1.0, float("inf")),
+)
 
 
 def _positive_int(config: Any, key: str) -> None:
@@ -37,7 +58,17 @@ def check_config(config: Any, workdir: str | None = None) -> None:
         models.check_choice("config.activation", config.get("activation", "relu"), tuple(models.ACTIVATIONS))
         models.check_choice("config.optimizer", config.optimizer, optim.OPTIMIZERS)
         models.check_choice("config.lr_schedule", config.lr_schedule, optim.SCHEDULES)
+        models.check_choice(
+            "config.weight_decay_mode", config.get("weight_decay_mode", "auto"), optim.WEIGHT_DECAY_MODES
+        )
+        models.check_choice(
+            "config.weight_decay_mask", config.get("weight_decay_mask", "kernels"), optim.WEIGHT_DECAY_MASKS
+        )
+        models.check_choice("config.warmup_style", config.get("warmup_style", "linear"), optim.WARMUP_STYLES)
+        optim.weight_decay_mode(config)  # adamw with coupled decay is a contradiction
         models.check_choice("config.augment", config.get("augment", "auto"), augment.AUGMENTATIONS)
+        models.check_choice("config.progress", config.get("progress", "auto"), progress.PROGRESS_MODES)
+        progress.parse_profile_steps(config.get("profile_steps", ""))
         try:
             data.parse_spec(config.dataset)
         except ValueError as e:
@@ -52,6 +83,9 @@ def check_config(config: Any, workdir: str | None = None) -> None:
         _positive_int(config, "grad_accum_steps")
     if config.get("bn_group_size", 0):
         _positive_int(config, "bn_group_size")
+    eval_images = config.get("eval_images", 0)
+    if isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 0:
+        raise ConfigError(f"config.eval_images={eval_images!r} must be 0 (none) or a positive integer")
     workers = config.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
         raise ConfigError(
@@ -59,8 +93,17 @@ def check_config(config: Any, workdir: str | None = None) -> None:
         )
     if not 0.0 < config.get("folder_eval_fraction", 0.1) < 1.0:
         raise ConfigError(f"config.folder_eval_fraction={config.folder_eval_fraction!r} must be in (0, 1)")
-    if not 0.0 <= config.label_smoothing < 1.0:
-        raise ConfigError(f"config.label_smoothing={config.label_smoothing!r} must be in [0, 1)")
+    for key, low, high in RANGES:
+        value = config.get(key)
+        if value is not None and not low <= value < high:
+            raise ConfigError(f"config.{key}={value!r} must be in [{low}, {high})")
+    if config.get("loss_scale_period", 1) < 1:
+        _positive_int(config, "loss_scale_period")
+    epochs = list(config.get("lr_step_epochs", ()))
+    if config.lr_schedule == "step" and (not epochs or epochs != sorted(epochs) or min(epochs) < 0):
+        raise ConfigError(
+            f"config.lr_step_epochs={config.lr_step_epochs!r} must be increasing epochs, e.g. (30, 60, 80)"
+        )
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError(
             f"config.num_epochs={config.num_epochs!r} and config.num_train_steps={config.num_train_steps!r}: "

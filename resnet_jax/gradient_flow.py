@@ -40,7 +40,7 @@ import optax
 from flax import traverse_util
 
 from resnet_jax import data, models, optim
-from resnet_jax.train import TrainState, cross_entropy, init_state, normalize
+from resnet_jax.step import TrainState, cross_entropy, init_state, normalize
 
 FAMILIES = ("plain", "resnet", "preact_resnet")
 # A net "vanishes" (or "explodes") when the first conv's weight gradient is this many times smaller

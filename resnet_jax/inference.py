@@ -11,7 +11,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from resnet_jax import checkpoint, data, parallel
-from resnet_jax.train import TrainState, create_model
+from resnet_jax.step import TrainState
+from resnet_jax.train import create_model
 
 
 @dataclasses.dataclass
@@ -20,7 +21,7 @@ class TrainedModel:
     config: ml_collections.ConfigDict
     info: data.DatasetInfo
     model: Any
-    state: TrainState  # params and batch_stats; no optimizer state
+    state: TrainState  # params and batch_stats (their EMA if the run kept one); no optimizer state
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
@@ -72,10 +73,11 @@ def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
     info = data.DatasetInfo(**info_fields)
     config = ml_collections.ConfigDict(items["config"])
     saved = items["state"]
+    weights = saved.get("ema") or saved  # a run with config.ema_decay evaluated its average
     state = TrainState(
         step=jax.numpy.asarray(step),
-        params=saved["params"],
-        batch_stats=saved.get("batch_stats", {}),
+        params=weights["params"],
+        batch_stats=weights.get("batch_stats", {}),
         opt_state=None,
     )
     return TrainedModel(step, config, info, create_model(config, info.num_classes), state)

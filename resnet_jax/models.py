@@ -1,26 +1,44 @@
-"""The ResNet family as one composable Flax Linen module.
+"""The ResNet family as one composable Flax Linen module, and the registry of named networks.
 
-Every network is `ResNet` with a stem, a block class, stage sizes and a shortcut
-kind; conv and norm layers are injected so that dtype, normalisation and
-initialisation change in one place. Layer names follow torchvision
-(`conv1`, `bn1`, `layer1_0/conv1`, `downsample_conv`, `fc`) so that weights can
-be mapped one to one.
+Every network is `ResNet` with a stem, a block class, stage sizes and a shortcut kind; conv and
+norm layers are injected so that dtype, normalisation and initialisation change in one place.
+Layer names follow torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `shortcut/downsample_conv`,
+`fc`) so that `resnet_jax.weights` maps PyTorch state dicts one to one.
 
-Padding follows PyTorch (k//2 on each side) rather than XLA's 'SAME', which pads
-strided layers asymmetrically; it is what makes imported weights reproduce
-PyTorch's outputs.
+Padding follows PyTorch (k//2 on each side) rather than XLA's 'SAME', which pads strided layers
+asymmetrically; it is what makes imported weights reproduce PyTorch's outputs.
+
+    python -m resnet_jax.models [--image_size 224] [--names resnet50 wrn28_10 ...]
+
+prints every name with its parameter count and forward GFLOPs (XLA's cost analysis).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
-import re
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part of the models API)
+    PRE_ACTIVATION,
+    SHORTCUTS,
+    STRIDE_PLACEMENTS,
+    BasicBlock,
+    BottleneckBlock,
+    GhostBatchNorm,
+    Identity,
+    PreActBasicBlock,
+    PreActBottleneckBlock,
+    Shortcut,
+    torch_padding,
+)
 
 ModuleDef = Any
 
@@ -32,205 +50,41 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 NORMS = ("batch", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # float64 is for gradient checks under jax.enable_x64; it is not a training choice.
+STEMS = ("imagenet", "cifar", "deep")
 
 # torchvision's ResNet init: Kaiming normal, fan-out, gain sqrt(2).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    return ((kernel_size // 2,) * 2,) * 2
-
-
-class Identity(nn.Module):
-    """Stands in for BatchNorm when `norm='none'` (accepts and ignores its options)."""
-
-    scale_init: Callable | None = None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x
-
-
-class GhostBatchNorm(nn.Module):
-    """BatchNorm whose training statistics come from groups of `group_size` consecutive examples.
-
-    Hoffer et al. (2017)'s "ghost" BatchNorm, and what pmap codes and the MLPerf ResNet recipe get
-    from per-device statistics. The variables are `nn.BatchNorm`'s (params `scale`, `bias`;
-    batch_stats `mean`, `var`), so checkpoints and imported weights carry over; the running
-    statistics move towards the average of the groups' statistics. Reshaping the batch into
-    groups keeps a batch sharded over devices local as long as each device holds whole groups:
-    no `shard_map` and no communication beyond the running averages.
-    """
-
-    group_size: int
-    use_running_average: bool = False
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    scale_init: Callable = nn.initializers.ones
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        scale = self.param("scale", self.scale_init, features, jnp.float32)
-        bias = self.param("bias", self.bias_init, features, jnp.float32)
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.use_running_average:
-            mean, var, groups = ra_mean.value, ra_var.value, x32
-        else:
-            if x.shape[0] % self.group_size:
-                raise ValueError(
-                    f"bn_group_size={self.group_size} does not divide the batch of {x.shape[0]} examples "
-                    f"reaching {self.name}"
-                )
-            groups = x32.reshape(x.shape[0] // self.group_size, self.group_size, *x.shape[1:])
-            axes = tuple(range(1, groups.ndim - 1))
-            mean = groups.mean(axes, keepdims=True)
-            var = jnp.maximum(0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(mean))
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(features)
-                ra_var.value = m * ra_var.value + (1 - m) * var.mean(0).reshape(features)
-        y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return y.reshape(x.shape).astype(self.dtype)
-
-
-class Shortcut(nn.Module):
-    """The skip path: identity, projection (1x1 conv + norm), or option A (subsample + zero-pad)."""
-
-    filters: int
-    strides: int
-    kind: str  # "projection" or "pad"
-    conv: ModuleDef
-    norm: ModuleDef
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if x.shape[-1] == self.filters and self.strides == 1:
-            return x
-        if self.kind == "pad":
-            x = x[:, :: self.strides, :: self.strides, :]
-            extra = self.filters - x.shape[-1]
-            return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        x = self.conv(self.filters, (1, 1), (self.strides, self.strides), name="downsample_conv")(x)
-        return self.norm(name="downsample_bn")(x)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR family)."""
-
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Callable
-    strides: int = 1
-    shortcut: str | None = "projection"  # None: a plain block without the skip path
-    zero_init_residual: bool = True
-
-    expansion = 1
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), name="conv2")(y)
-        return self._merge(x, y, "bn2")
-
-    def _merge(self, x: jax.Array, y: jax.Array, last_norm: str) -> jax.Array:
-        if self.shortcut is None:
-            return self.act(self.norm(name=last_norm)(y))
-        zero = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = self.norm(scale_init=zero, name=last_norm)(y)
-        filters = self.filters * self.expansion
-        skip = Shortcut(filters, self.strides, self.shortcut, self.conv, self.norm, name="shortcut")(x)
-        return self.act(skip + y)
-
-
-class BottleneckBlock(BasicBlock):
-    """1x1 reduce, 3x3 (carries the stride: v1.5), 1x1 expand by 4."""
-
-    expansion = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(self.filters, (1, 1), name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
-        y = self.act(self.norm(name="bn2")(y))
-        y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
-        return self._merge(x, y, "bn3")
-
-
-class PreActBasicBlock(BasicBlock):
-    """Pre-activation basic block (He et al. 2016, "Identity Mappings"): y = x + F(x), nothing after.
-
-    F is norm-act-conv twice. With an identity shortcut dy/dx = I + dF/dx exactly, which is what
-    carries the gradient through deep stacks; v1's activation after the sum multiplies it by act'
-    in every block. A projection shortcut reads the pre-activated input; option A reads x itself.
-    `zero_init_residual` zeroes the last conv kernel (there is no norm after it to zero).
-    """
-
-    pre_activation = True
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        pre = self.act(self.norm(name="bn1")(x))
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(pre)
-        y = self.act(self.norm(name="bn2")(y))
-        y = self.conv(self.filters, (3, 3), name="conv2", **self._last_conv_options())(y)
-        return self._add_skip(x, pre, y)
-
-    def _last_conv_options(self) -> dict[str, Any]:
-        zero = self.zero_init_residual and self.shortcut is not None
-        return {"kernel_init": nn.initializers.zeros} if zero else {}
-
-    def _add_skip(self, x: jax.Array, pre: jax.Array, y: jax.Array) -> jax.Array:
-        if self.shortcut is None:
-            return y
-        filters = self.filters * self.expansion
-        projects = self.shortcut == "projection" and (x.shape[-1] != filters or self.strides != 1)
-        skip = Shortcut(filters, self.strides, self.shortcut, self.conv, Identity, name="shortcut")
-        return skip(pre if projects else x) + y
-
-
-class PreActBottleneckBlock(PreActBasicBlock):
-    """Pre-activation bottleneck: norm-act before each of 1x1 reduce, 3x3 (strided), 1x1 expand."""
-
-    expansion = 4
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        pre = self.act(self.norm(name="bn1")(x))
-        y = self.conv(self.filters, (1, 1), name="conv1")(pre)
-        y = self.act(self.norm(name="bn2")(y))
-        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv2")(y)
-        y = self.act(self.norm(name="bn3")(y))
-        y = self.conv(self.filters * 4, (1, 1), name="conv3", **self._last_conv_options())(y)
-        return self._add_skip(x, pre, y)
-
-
-PRE_ACTIVATION = {BasicBlock: PreActBasicBlock, BottleneckBlock: PreActBottleneckBlock}
-
-
 class ResNet(nn.Module):
-    """A ResNet: stem, stages of blocks, global average pool, linear classifier.
+    """A ResNet: stem, stages of blocks, global average pool, (dropout,) linear classifier.
 
-    With pre-activation blocks the stem has no norm-act (the first block's pre-activation does it)
-    and a final norm-act comes before the pool, since the last block's output is a bare sum.
+    With pre-activation blocks the stem has no final norm-act (the first block's pre-activation
+    does it) and a final norm-act comes before the pool, since the last block's output is a bare sum.
+    Stochastic depth rises linearly from 0 at the first block to `drop_path_rate` at the last (timm's
+    rule); it and the classifier dropout draw from the 'dropout' rng in training and add no parameters.
     """
 
     stage_sizes: Sequence[int]
     block_cls: type[BasicBlock]
     num_classes: int
-    stem: str = "imagenet"  # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": one 3x3 conv
-    width: int = 64
+    # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": one 3x3 conv; "deep": ResNet-C/D's three
+    # 3x3 convs (stem_width/2, stem_width/2, stem_width, the first with stride 2) + 3x3/2 max-pool
+    stem: str = "imagenet"
+    width: int = 64  # filters of the first stage (x2 per stage; bottlenecks output 4x)
+    stem_width: int = 0  # channels out of the stem; 0 = width
     shortcut: str | None = "projection"
+    groups: int = 1
+    base_width: int = 64
+    stride_on: str = "3x3"
+    se_ratio: float = 0.0
     zero_init_residual: bool = True
     norm: str = "batch"
     bn_group_size: int = 0  # 0: statistics over the whole batch; k: over groups of k examples
+    frozen_norm: bool = False  # BatchNorm uses (and keeps) its running statistics in training too
     activation: str = "relu"
+    drop_path_rate: float = 0.0
+    dropout_rate: float = 0.0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -254,7 +108,7 @@ class ResNet(nn.Module):
         norm = (
             functools.partial(
                 batch_norm,
-                use_running_average=not train,
+                use_running_average=not train or self.frozen_norm,
                 momentum=0.9,
                 epsilon=1e-5,
                 dtype=self.dtype,
@@ -264,20 +118,22 @@ class ResNet(nn.Module):
         )
         act = ACTIVATIONS[self.activation]
         pre_activation = getattr(self.block_cls, "pre_activation", False)
+        stem_width = self.stem_width or self.width
 
         x = x.astype(self.dtype)
-        if self.stem == "imagenet":
-            x = padded_conv(self.width, (7, 7), (2, 2), name="conv1")(x)
-            if not pre_activation:
-                x = act(norm(name="bn1")(x))
+        if self.stem == "deep":
+            x = act(norm(name="stem_bn1")(padded_conv(stem_width // 2, (3, 3), (2, 2), name="stem_conv1")(x)))
+            x = act(norm(name="stem_bn2")(padded_conv(stem_width // 2, (3, 3), name="stem_conv2")(x)))
+        kernel, strides = {"imagenet": (7, 2), "cifar": (3, 1), "deep": (3, 1)}[self.stem]
+        x = padded_conv(stem_width, (kernel, kernel), (strides, strides), name="conv1")(x)
+        if not pre_activation:
+            x = act(norm(name="bn1")(x))
+        if self.stem != "cifar":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
-        else:
-            x = padded_conv(self.width, (3, 3), name="conv1")(x)
-            if not pre_activation:
-                x = act(norm(name="bn1")(x))
 
-        for i, num_blocks in enumerate(self.stage_sizes):
-            for j in range(num_blocks):
+        num_blocks, index = sum(self.stage_sizes), 0
+        for i, stage_size in enumerate(self.stage_sizes):
+            for j in range(stage_size):
                 x = self.block_cls(
                     filters=self.width * 2**i,
                     strides=2 if i > 0 and j == 0 else 1,
@@ -286,19 +142,26 @@ class ResNet(nn.Module):
                     act=act,
                     shortcut=self.shortcut,
                     zero_init_residual=self.zero_init_residual,
+                    groups=self.groups,
+                    base_width=self.base_width,
+                    stride_on=self.stride_on,
+                    se_ratio=self.se_ratio,
+                    drop_path=self.drop_path_rate * index / max(1, num_blocks - 1),
+                    deterministic=not train,
                     name=f"layer{i + 1}_{j}",
                 )(x)
+                index += 1
 
         if pre_activation:
             x = act(norm(name="final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0.0)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
-# Registry name prefixes, in the order `names()` lists them.
-FAMILIES = ("resnet", "preact_resnet", "plain")
-# name -> (stage sizes, block, stem, width, shortcut kind)
+# ---------------------------------------------------------------- registry
+
 _IMAGENET_STAGES = {
     18: ((2, 2, 2, 2), BasicBlock),
     34: ((3, 4, 6, 3), BasicBlock),
@@ -309,28 +172,64 @@ _IMAGENET_STAGES = {
 }
 # He et al. 2016, Sec. 4.2: 6n+2 layers, 16/32/64 filters, option-A shortcuts.
 _CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+# torchvision's wide and grouped bottleneck nets: name -> (depth, groups, base width).
+_WIDE_AND_GROUPED = {
+    "wide_resnet50_2": (50, 1, 128),
+    "wide_resnet101_2": (101, 1, 128),
+    "resnext50_32x4d": (50, 32, 4),
+    "resnext101_32x8d": (101, 32, 8),
+    "resnext101_64x4d": (101, 64, 4),
+}
+# Zagoruyko & Komodakis (2016): WRN-d-k, (d-4)/6 pre-activation basic blocks per stage, widths
+# 16k/32k/64k after a 16-channel 3x3 stem, projection shortcuts where the shape changes.
+_WIDE_CIFAR = ((16, 4), (16, 8), (28, 10), (40, 4))
+SE_RATIO = 1 / 16  # Hu et al. (2018) and timm's seresnet
 
 
 def _registry() -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
-    for depth, (stages, block) in _IMAGENET_STAGES.items():
-        arch = dict(stage_sizes=stages, block_cls=block, stem="imagenet", width=64)
-        entries[f"resnet{depth}"] = dict(arch, shortcut="projection")
-        entries[f"plain{depth}"] = dict(arch, shortcut=None)
-        entries[f"preact_resnet{depth}"] = dict(arch, block_cls=PRE_ACTIVATION[block], shortcut="projection")
+    imagenet = {
+        depth: dict(stage_sizes=stages, block_cls=block, stem="imagenet", width=64)
+        for depth, (stages, block) in _IMAGENET_STAGES.items()
+    }
+    cifar = {}
     for depth in _CIFAR_DEPTHS:
         n = (depth - 2) // 6
-        arch = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", width=16)
-        entries[f"resnet{depth}"] = dict(arch, shortcut="pad")
+        cifar[depth] = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", width=16)
+    for depth, arch in {**cifar, **imagenet}.items():
+        kind = "pad" if depth in cifar else "projection"
+        entries[f"resnet{depth}"] = dict(arch, shortcut=kind)
+    for depth, arch in imagenet.items():
+        if arch["block_cls"] is BottleneckBlock and depth <= 152:
+            entries[f"resnet{depth}_v1"] = dict(arch, shortcut="projection", stride_on="1x1")
+    for depth, arch in imagenet.items():  # Bag of Tricks (He et al. 2019), timm's resnet*d
+        entries[f"resnet{depth}d"] = dict(arch, stem="deep", shortcut="avg")
+    for depth, arch in imagenet.items():
+        if depth <= 152:
+            entries[f"seresnet{depth}"] = dict(arch, shortcut="projection", se_ratio=SE_RATIO)
+    for name, (depth, groups, base_width) in _WIDE_AND_GROUPED.items():
+        entries[name] = dict(imagenet[depth], shortcut="projection", groups=groups, base_width=base_width)
+    for depth, k in _WIDE_CIFAR:
+        n = (depth - 4) // 6
+        entries[f"wrn{depth}_{k}"] = dict(
+            stage_sizes=(n, n, n),
+            block_cls=PreActBasicBlock,
+            stem="cifar",
+            width=16 * k,
+            stem_width=16,
+            shortcut="projection",
+        )
+    # The ResNet-18 stages behind a CIFAR stem (no max-pool): the common CIFAR-10 "ResNet-18".
+    entries["cifar_resnet18"] = dict(imagenet[18], stem="cifar", shortcut="projection")
+    for depth, arch in {**cifar, **imagenet}.items():
+        # Option A on CIFAR like the v1 nets, so that the two differ only in the block.
+        kind = "pad" if depth in cifar else "projection"
+        entries[f"preact_resnet{depth}"] = dict(
+            arch, block_cls=PRE_ACTIVATION[arch["block_cls"]], shortcut=kind
+        )
+    for depth, arch in {**cifar, **imagenet}.items():
         entries[f"plain{depth}"] = dict(arch, shortcut=None)
-        # Option A like the v1 CIFAR nets, so that the two differ only in the block.
-        entries[f"preact_resnet{depth}"] = dict(arch, block_cls=PreActBasicBlock, shortcut="pad")
-
-    def family_then_depth(name: str) -> tuple[str, int]:
-        family, depth = re.fullmatch(r"([a-z_]+)(\d+)", name).groups()
-        return FAMILIES.index(family), int(depth)
-
-    return {name: entries[name] for name in sorted(entries, key=family_then_depth)}
+    return entries
 
 
 MODELS = _registry()
@@ -344,7 +243,12 @@ def names() -> list[str]:
 def check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
     """Raise a ValueError naming the key, the bad value and the valid choices."""
     if value not in valid:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+
+
+def _check_rate(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{key}={value!r} must be a number in [0, 1)")
 
 
 def create(
@@ -356,8 +260,20 @@ def create(
     norm: str = "batch",
     bn_group_size: int = 0,
     activation: str = "relu",
+    drop_path_rate: float = 0.0,
+    dropout_rate: float = 0.0,
+    se_ratio: float | None = None,
+    stride_on: str | None = None,
+    frozen_norm: bool = False,
 ) -> ResNet:
-    """Build a registry model; the module is a pure function of params and batch_stats."""
+    """Build a registry model; the module is a pure function of params and batch_stats.
+
+    `se_ratio` adds squeeze-and-excitation to any network (None: the registry's choice);
+    `stride_on` '1x1' moves a bottleneck's stride to its first convolution (v1). `drop_path_rate`
+    and `dropout_rate` act in training only (pass `rngs={'dropout': key}` to `apply`) and leave the
+    parameter tree as it is. `frozen_norm` keeps BatchNorm in inference mode in training too
+    (linear probing).
+    """
     check_choice("model", name, names())
     check_choice("norm", norm, NORMS)
     check_choice("activation", activation, tuple(ACTIVATIONS))
@@ -370,18 +286,76 @@ def create(
         raise ValueError(f"bn_group_size={bn_group_size!r} must be 0 (whole batch) or a positive integer")
     if bn_group_size and norm != "batch":
         raise ValueError(f"bn_group_size={bn_group_size} needs norm='batch', not norm={norm!r}")
+    _check_rate("drop_path_rate", drop_path_rate)
+    _check_rate("dropout_rate", dropout_rate)
+    arch = dict(MODELS[name])
+    if se_ratio is not None:
+        _check_rate("se_ratio", se_ratio)
+        arch["se_ratio"] = se_ratio
+    if stride_on is not None:
+        check_choice("stride_on", stride_on, STRIDE_PLACEMENTS)
+        arch["stride_on"] = stride_on
     return ResNet(
         num_classes=num_classes,
         zero_init_residual=zero_init_residual,
         norm=norm,
         bn_group_size=bn_group_size,
+        frozen_norm=frozen_norm,
         activation=activation,
+        drop_path_rate=drop_path_rate,
+        dropout_rate=dropout_rate,
         dtype=dtype,
-        **MODELS[name],
+        **arch,
     )
+
+
+def is_cifar(name: str) -> bool:
+    """Networks built for 32x32 inputs (3x3 stem without pooling)."""
+    return MODELS[name]["stem"] == "cifar"
 
 
 def count_params(module: nn.Module, image_size: int, channels: int = 3) -> int:
     """Number of trainable parameters, from shapes only (nothing is computed)."""
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))
     return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+def forward_flops(module: nn.Module, image_size: int, channels: int = 3) -> float:
+    """FLOPs of one eval-mode forward pass of one image, from XLA's cost analysis of the compiled program."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    compiled = jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, x).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per device
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_jax.models", description="Parameters and forward GFLOPs of the registry."
+    )
+    parser.add_argument("--image_size", type=int, default=224, help="ImageNet-style nets (CIFAR nets: 32)")
+    parser.add_argument("--cifar_image_size", type=int, default=32)
+    parser.add_argument("--num_classes", type=int, default=1000, help="CIFAR nets: 10")
+    parser.add_argument("--names", nargs="*", default=None, help="only these (default: all)")
+    parser.add_argument("--no_flops", action="store_true", help="parameter counts only (no compiling)")
+    args = parser.parse_args(argv)
+    selected = args.names or names()
+    for name in selected:
+        if name not in MODELS:
+            print(f"error: unknown model {name!r}; choose from: {', '.join(names())}", file=sys.stderr)
+            return 2
+    print(f"{'model':<20} {'size':>5} {'params':>12} {'GFLOPs':>8}")
+    start = time.perf_counter()
+    for name in selected:
+        size, classes = (args.cifar_image_size, 10) if is_cifar(name) else (args.image_size, args.num_classes)
+        module = create(name, classes)
+        flops = "" if args.no_flops else f"{forward_flops(module, size) / 1e9:8.3f}"
+        print(f"{name:<20} {size:>5} {count_params(module, size) / 1e6:>11.2f}M {flops:>8}", flush=True)
+    print(f"{len(selected)} models in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

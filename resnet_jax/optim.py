@@ -1,8 +1,14 @@
 """Optimizers and learning-rate schedules from config, composed from optax transforms.
 
-The chain is always: clip (optional) -> coupled L2 decay (optional, masked) ->
-the optimizer's scaling -> learning-rate schedule. Optimizers that define their
-own decoupled decay (AdamW, LARS, LAMB) receive the decay and the mask instead.
+Every optimizer is the same chain, with the pieces it needs switched on:
+
+    clip by global norm -> coupled L2 decay -> preconditioner (momentum, Adagrad, RMSprop, Adam)
+    -> decoupled decay -> trust ratio (LARS, LAMB) -> learning-rate schedule -> momentum after
+    the learning rate (LARS)
+
+so that, say, AdamW is Adam with the decay moved after the preconditioner, and LAMB is AdamW with
+a trust ratio. Weight decay and the trust ratio apply to convolution and dense kernels only
+(BatchNorm and biases are left alone, as in Goyal et al. 2017 and the MLPerf LARS recipe).
 """
 
 from __future__ import annotations
@@ -15,70 +21,157 @@ import optax
 from resnet_jax.models import check_choice
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb")
-SCHEDULES = ("cosine", "constant", "linear")
-DECOUPLED = ("adamw", "lars", "lamb")
+SCHEDULES = ("constant", "step", "cosine", "linear", "polynomial", "onecycle")
+WEIGHT_DECAY_MODES = ("auto", "coupled", "decoupled")
+WEIGHT_DECAY_MASKS = ("kernels", "all")
+WARMUP_STYLES = ("linear", "constant")
+
+# Used when config.learning_rate / config.weight_decay are left unset (None). Learning rates are
+# for the global batch: SGD's 0.1 is He et al.'s for batch 128-256; LARS and LAMB multiply theirs
+# by a per-layer trust ratio, so their nominal rates are larger.
+DEFAULT_LEARNING_RATES = {
+    "sgd": 0.1,
+    "momentum": 0.1,
+    "nesterov": 0.1,
+    "adagrad": 0.01,
+    "rmsprop": 1e-3,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+    "lars": 2.0,
+    "lamb": 4e-3,
+}
+DEFAULT_WEIGHT_DECAYS = {
+    "sgd": 1e-4,
+    "momentum": 1e-4,
+    "nesterov": 1e-4,
+    "adagrad": 0.0,
+    "rmsprop": 1e-5,
+    "adam": 0.0,
+    "adamw": 0.05,
+    "lars": 5e-5,
+    "lamb": 0.02,
+}
+# Each optimizer's own epsilon (optax's defaults; LAMB's from You et al. 2020).
+DEFAULT_EPS = {"adagrad": 1e-7, "rmsprop": 1e-8, "adam": 1e-8, "adamw": 1e-8, "lamb": 1e-6}
+# LARS's eta (You et al. 2017); LAMB uses the plain ratio ||w|| / ||update||.
+DEFAULT_TRUST_COEFFICIENTS = {"lars": 1e-3, "lamb": 1.0}
+DECOUPLED_BY_DEFAULT = ("adamw", "lars", "lamb")
+TRUST_RATIO = ("lars", "lamb")
 
 
 def kernel_mask(params: Any) -> Any:
-    """True for convolution and dense kernels: what weight decay applies to.
-
-    BatchNorm scales and biases, and all biases, are left alone (Goyal et al. 2017).
-    """
+    """True for convolution and dense kernels: what weight decay and trust ratios apply to."""
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def learning_rate(config: Any) -> float:
+    """The peak learning rate: `config.learning_rate`, or the optimizer's default when unset."""
+    value = config.get("learning_rate")
+    return DEFAULT_LEARNING_RATES[config.optimizer] if value is None else float(value)
+
+
+def weight_decay(config: Any) -> float:
+    value = config.get("weight_decay")
+    return DEFAULT_WEIGHT_DECAYS[config.optimizer] if value is None else float(value)
+
+
+def weight_decay_mode(config: Any) -> str:
+    """'coupled' (L2 added to the gradient) or 'decoupled' (Loshchilov & Hutter: beside the step)."""
+    mode = config.get("weight_decay_mode", "auto")
+    check_choice("weight_decay_mode", mode, WEIGHT_DECAY_MODES)
+    if mode == "auto":
+        return "decoupled" if config.optimizer in DECOUPLED_BY_DEFAULT else "coupled"
+    if config.optimizer == "adamw" and mode == "coupled":
+        raise ValueError(
+            "weight_decay_mode='coupled' with optimizer='adamw': AdamW is Adam with decoupled decay; "
+            "use optimizer='adam' for Adam with L2 decay"
+        )
+    return mode
 
 
 def warmup_steps(config: Any, steps_per_epoch: int, total_steps: int) -> int:
     """Warmup in steps, clipped so that at least one step follows it."""
-    return max(0, min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1))
+    return max(0, min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1))
 
 
 def create_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    check_choice("lr_schedule", config.lr_schedule, SCHEDULES)
-    peak = config.learning_rate
+    """Warmup (linear from `warmup_factor` x peak, or constant at it), then the decay.
+
+    Decays end at `lr_end_factor` x peak at the last step; `step` multiplies by `lr_decay_factor`
+    at each epoch of `lr_step_epochs`. `onecycle` is Smith's cosine one-cycle: it rises over the
+    warmup (30 % of the run when `warmup_epochs` is 0) from peak/25 and falls to peak/25e4.
+    """
+    name = config.lr_schedule
+    check_choice("lr_schedule", name, SCHEDULES)
+    peak = learning_rate(config)
     warmup = warmup_steps(config, steps_per_epoch, total_steps)
-    if config.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps, end_value=0.0)
-    after = {
-        "constant": optax.constant_schedule(peak),
-        "linear": optax.linear_schedule(peak, 0.0, total_steps - warmup),
-    }[config.lr_schedule]
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    if name == "onecycle":
+        rise = warmup / total_steps if warmup else 0.3
+        return optax.cosine_onecycle_schedule(total_steps, peak, pct_start=rise)
+    decay_steps = total_steps - warmup
+    end = peak * config.get("lr_end_factor", 0.0)
+    if name == "constant":
+        after = optax.constant_schedule(peak)
+    elif name == "step":
+        boundaries = [round(e * steps_per_epoch) - warmup for e in config.get("lr_step_epochs", (30, 60, 80))]
+        factor = config.get("lr_decay_factor", 0.1)
+        after = optax.piecewise_constant_schedule(peak, {max(0, b): factor for b in boundaries})
+    elif name == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+    elif name == "linear":
+        after = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        after = optax.polynomial_schedule(peak, end, config.get("lr_power", 2.0), decay_steps)
+    if not warmup:
+        return after
+    style = config.get("warmup_style", "linear")
+    check_choice("warmup_style", style, WARMUP_STYLES)
+    start = peak * config.get("warmup_factor", 0.0)
+    rise = optax.linear_schedule(start, peak, warmup) if style == "linear" else optax.constant_schedule(start)
+    return optax.join_schedules([rise, after], [warmup])
 
 
-def _scale_by(name: str, lr: optax.Schedule, wd: float, config: Any) -> optax.GradientTransformation:
-    momentum = config.get("momentum", 0.9)
-    b1, b2, eps = config.get("b1", 0.9), config.get("b2", 0.999), config.get("eps", 1e-8)
-    return {
-        "sgd": lambda: optax.sgd(lr),
-        "momentum": lambda: optax.sgd(lr, momentum),
-        "nesterov": lambda: optax.sgd(lr, momentum, nesterov=True),
-        "adagrad": lambda: optax.adagrad(lr, eps=eps),
-        "rmsprop": lambda: optax.rmsprop(lr, decay=config.get("rmsprop_decay", 0.9), eps=eps),
-        "adam": lambda: optax.adam(lr, b1, b2, eps),
-        "adamw": lambda: optax.adamw(lr, b1, b2, eps, weight_decay=wd, mask=kernel_mask),
-        "lars": lambda: optax.lars(
-            lr,
-            weight_decay=wd,
-            weight_decay_mask=kernel_mask,
-            trust_coefficient=config.get("trust_coefficient", 0.001),
-            trust_ratio_mask=kernel_mask,
-            momentum=momentum,
-        ),
-        "lamb": lambda: optax.lamb(lr, b1, b2, eps, weight_decay=wd, mask=kernel_mask),
-    }[name]()
+def preconditioner(config: Any) -> optax.GradientTransformation:
+    """The optimizer's own scaling of the gradient, before the learning rate."""
+    name, momentum = config.optimizer, config.get("momentum", 0.9)
+    eps = config.get("eps") if config.get("eps") is not None else DEFAULT_EPS.get(name)
+    b1, b2 = config.get("b1", 0.9), config.get("b2", 0.999)
+    if name in ("momentum", "nesterov"):
+        return optax.trace(momentum, nesterov=name == "nesterov")
+    if name == "adagrad":
+        return optax.scale_by_rss(config.get("adagrad_initial_accumulator", 0.1), eps)
+    if name == "rmsprop":
+        return optax.scale_by_rms(config.get("rmsprop_decay", 0.9), eps)
+    if name in ("adam", "adamw", "lamb"):
+        return optax.scale_by_adam(b1, b2, eps)
+    return optax.identity()  # sgd; lars takes its momentum after the learning rate
 
 
 def create(
     config: Any, steps_per_epoch: int, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its schedule (returned too, for logging the learning rate)."""
-    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    name = config.optimizer
+    check_choice("optimizer", name, OPTIMIZERS)
     schedule = create_schedule(config, steps_per_epoch, total_steps)
-    wd = config.weight_decay
+    wd, mode = weight_decay(config), weight_decay_mode(config)
+    mask_kind = config.get("weight_decay_mask", "kernels")
+    check_choice("weight_decay_mask", mask_kind, WEIGHT_DECAY_MASKS)
+    decay = optax.add_decayed_weights(wd, mask=kernel_mask if mask_kind == "kernels" else None)
     chain = []
     if config.get("grad_clip_norm", 0.0):
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    if wd and config.optimizer not in DECOUPLED:
-        chain.append(optax.add_decayed_weights(wd, mask=kernel_mask))
-    chain.append(_scale_by(config.optimizer, schedule, wd, config))
+    if wd and mode == "coupled":
+        chain.append(decay)
+    chain.append(preconditioner(config))
+    if wd and mode == "decoupled":
+        chain.append(decay)
+    if name in TRUST_RATIO:
+        coefficient = config.get("trust_coefficient")
+        coefficient = DEFAULT_TRUST_COEFFICIENTS[name] if coefficient is None else coefficient
+        trust = optax.scale_by_trust_ratio(trust_coefficient=coefficient)
+        chain.append(optax.masked(trust, kernel_mask))
+    chain.append(optax.scale_by_learning_rate(schedule))
+    if name == "lars":
+        chain.append(optax.trace(config.get("momentum", 0.9)))
     return optax.chain(*chain), schedule

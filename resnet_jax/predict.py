@@ -16,7 +16,7 @@ import numpy as np
 
 from resnet_jax import augment, checkpoint
 from resnet_jax.inference import load_trained
-from resnet_jax.train import normalize
+from resnet_jax.step import normalize
 
 
 def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: int = 5) -> list[dict]:

@@ -1,33 +1,40 @@
-"""Train state, the jit-compiled train and eval steps, and `train_and_evaluate`.
+"""`train_and_evaluate`: a whole run from a config, driving the steps of `resnet_jax.step`.
 
-Gradients come from `jax.value_and_grad` only; the step is one `jax.jit` with
-explicit shardings over the device mesh (batch split on `data`, state
-replicated) and the state buffers donated.
+`Trainer` jit-compiles those steps once with explicit shardings over the device mesh (batch
+split on `data`, state replicated, state buffers donated); the loop around them loads data,
+logs, evaluates, checkpoints and handles preemption.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from resnet_jax import checkpoint, data, metrics, models, optim, parallel, sources
+from resnet_jax import checkpoint, data, metrics, models, optim, parallel, progress, sources, weights
+from resnet_jax import mixing as mixing_lib
 from resnet_jax.config_checks import ConfigError, check_config
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
+from resnet_jax.step import (  # noqa: F401  (re-exported: train.TrainState, train.train_step, ...)
+    TrainState,
+    cross_entropy,
+    eval_step,
+    init_state,
+    join_micro_batches,
+    normalize,
+    predict_classes,
+    rng_key,
+    soft_cross_entropy,
+    split_micro_batches,
+    state_from_variables,
+    train_step,
+    update_loss_scale,
+)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> flax.linen.Module:
@@ -38,172 +45,24 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> flax.li
         zero_init_residual=config.get("zero_init_residual", True),
         bn_group_size=config.get("bn_group_size", 0),
         activation=config.get("activation", "relu"),
-    )
-
-
-def init_state(
-    model: flax.linen.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...], rng: jax.Array
-) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-    )
-
-
-def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
-    """uint8 NHWC -> float32 standardised per channel (on the device, inside the step)."""
-    return (images.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """True when no leaf holds inf/NaN (a norm would overflow on large but finite values)."""
-    return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
-
-
-def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
-    """(B, ...) -> (k, B/k, ...) with micro-batch i = examples i, i + k, i + 2k, ...
-
-    Strided rather than contiguous, so that a batch sharded over devices stays where it is: each
-    device's rows form its share of every micro-batch (the batch check makes them divide by k).
-    """
-    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-
-
-def join_micro_batches(x: jax.Array) -> jax.Array:
-    """The inverse of `split_micro_batches`: (k, B/k, ...) -> (B, ...) in the batch's order."""
-    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-
-
-def accumulate_gradients(
-    loss_and_grads: Any, state: TrainState, images: jax.Array, labels: jax.Array, k: int
-) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
-    """`loss_and_grads` over k micro-batches, one after the other in a `lax.scan`.
-
-    Returns what one call on the whole batch returns: the mean loss and gradient (the micro-batches
-    are equal in size), the logits in the batch's order, and the batch_stats after the last
-    micro-batch. BatchNorm normalises each micro-batch with its own statistics, and its running
-    averages take k momentum updates per step.
-    """
-
-    def micro_step(carry, micro_batch):
-        batch_stats, grad_sum = carry
-        (loss, (logits, batch_stats)), grads = loss_and_grads(batch_stats, *micro_batch)
-        return (batch_stats, jax.tree.map(jnp.add, grad_sum, grads)), (loss, logits)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    micro_batches = (split_micro_batches(images, k), split_micro_batches(labels, k))
-    (batch_stats, grad_sum), (losses, logits) = jax.lax.scan(
-        micro_step, (state.batch_stats, zeros), micro_batches
-    )
-    grads = jax.tree.map(lambda g: g / k, grad_sum)
-    return (losses.mean(), (join_micro_batches(logits), batch_stats)), grads
-
-
-def train_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    model: flax.linen.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    label_smoothing: float = 0.0,
-    skip_nonfinite: bool = False,
-    grad_accum_steps: int = 1,
-) -> tuple[TrainState, metrics.TrainMetrics]:
-    """One optimizer step; a non-finite loss or gradient is counted (and skipped if asked).
-
-    With `grad_accum_steps` k > 1 the batch runs as k micro-batches (see `accumulate_gradients`)
-    and the optimizer steps once on their mean gradient.
-    """
-    images = normalize(batch["image"], mean, std)
-
-    def loss_and_grads(batch_stats, images, labels):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss = cross_entropy(logits, labels, label_smoothing).mean()
-            return loss, (logits, updates["batch_stats"])
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-
-    if grad_accum_steps == 1:
-        (loss, (logits, batch_stats)), grads = loss_and_grads(state.batch_stats, images, batch["label"])
-    else:
-        (loss, (logits, batch_stats)), grads = accumulate_gradients(
-            loss_and_grads, state, images, batch["label"], grad_accum_steps
-        )
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(updates)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
-    if skip_nonfinite:
-        keep_old = lambda new, old: jnp.where(finite, new, old)
-        new_state = new_state.replace(
-            params=jax.tree.map(keep_old, new_state.params, state.params),
-            batch_stats=jax.tree.map(keep_old, new_state.batch_stats, state.batch_stats),
-            opt_state=jax.tree.map(keep_old, new_state.opt_state, state.opt_state),
-        )
-    step_metrics = metrics.TrainMetrics.single_from_model_output(
-        loss=loss,
-        logits=logits,
-        labels=batch["label"],
-        learning_rate=schedule(state.step),
-        grad_norm=grad_norm,
-        nonfinite=(~finite).astype(jnp.int32),
-    )
-    return new_state, step_metrics
-
-
-def eval_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    model: flax.linen.Module,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> metrics.EvalMetrics:
-    """Running BatchNorm statistics; padded examples (mask 0) do not count."""
-    logits = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        normalize(batch["image"], mean, std),
-        train=False,
-    )
-    return metrics.EvalMetrics.single_from_model_output(
-        loss=cross_entropy(logits, batch["label"]),
-        logits=logits,
-        labels=batch["label"],
-        top5_correct=metrics.top5_correct(logits, batch["label"]),
-        mask=batch["mask"],
+        drop_path_rate=config.get("drop_path_rate", 0.0),
+        dropout_rate=config.get("dropout_rate", 0.0),
+        frozen_norm=config.get("freeze_backbone", False),  # linear probing: BatchNorm stays as loaded
     )
 
 
 def cadence(every: int, steps_per_epoch: int) -> int:
     """Config cadences: 0 means once per epoch."""
     return every if every > 0 else steps_per_epoch
+
+
+def mixing_from_config(config: ml_collections.ConfigDict) -> mixing_lib.Mixing:
+    return mixing_lib.Mixing(
+        mixup_alpha=config.get("mixup_alpha", 0.0),
+        cutmix_alpha=config.get("cutmix_alpha", 0.0),
+        switch_prob=config.get("mixup_switch_prob", 0.5),
+        prob=config.get("mixup_prob", 1.0),
+    )
 
 
 class Trainer:
@@ -232,12 +91,23 @@ class Trainer:
         )
         self.model = create_model(config, info.num_classes)
         self.tx, self.schedule = optim.create(config, self.steps_per_epoch, self.total_steps)
+        if config.get("freeze_backbone", False):  # linear probing: only the classifier is updated
+            self.tx = weights.freeze_backbone(self.tx)
 
         replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.batch_sharding = batch_sharding
         stats = dict(mean=info.mean, std=info.std)
+        self.loss_scaling = config.dtype == "float16"
         self.init = jax.jit(
-            functools.partial(init_state, self.model, self.tx, info.image_shape), out_shardings=replicated
+            functools.partial(
+                init_state,
+                self.model,
+                self.tx,
+                info.image_shape,
+                ema=config.get("ema_decay", 0.0) > 0,
+                loss_scale=config.get("loss_scale_init", 2.0**15) if self.loss_scaling else 0.0,
+            ),
+            out_shardings=replicated,
         )
         self.train_step = jax.jit(
             functools.partial(
@@ -248,6 +118,10 @@ class Trainer:
                 label_smoothing=config.label_smoothing,
                 skip_nonfinite=config.get("skip_nonfinite_steps", False),
                 grad_accum_steps=config.get("grad_accum_steps", 1),
+                mixing=mixing_from_config(config),
+                ema_decay=config.get("ema_decay", 0.0),
+                loss_scale_period=config.get("loss_scale_period", 2000),
+                seed=config.seed,
                 **stats,
             ),
             in_shardings=(replicated, batch_sharding),
@@ -267,9 +141,10 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
+        eval_state = state.for_eval()
         return metrics.merge_all(
             [
-                parallel.in_order(self.eval_step(state, parallel.to_global(b, self.batch_sharding)))
+                parallel.in_order(self.eval_step(eval_state, parallel.to_global(b, self.batch_sharding)))
                 for b in batches
             ]
         )
@@ -293,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     check_config(config, workdir)
     mesh = parallel.create_mesh()
     dataset = data.load(config)
+    if config.get("init_from"):
+        dataset = weights.with_pretrained_normalization(dataset, config.init_from, log)
     trainer = Trainer(config, dataset, mesh)
     info = dataset.info
     log(
@@ -302,7 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log(
         f"{trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.1f} epochs of "
         f"{trainer.steps_per_epoch}), global batch {config.batch_size}, "
-        f"{config.optimizer} lr {config.learning_rate}"
+        f"{config.optimizer} lr {optim.learning_rate(config):g} ({config.lr_schedule}), "
+        f"weight decay {optim.weight_decay(config):g} ({optim.weight_decay_mode(config)}), {config.dtype}"
     )
     num_workers = data.resolve_workers(config.get("num_workers", 0), dataset)
     batches = data.train_loader(
@@ -320,13 +198,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     state, start_step = restore_or_init(trainer, checkpoints, batches)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"{num_params:,} parameters, ready in {time.perf_counter() - t0:.1f}s")
+    if parallel.is_primary():
+        overview_path, total_line = metrics.write_parameter_overview(state.params, workdir)
+        log(f"parameter overview ({total_line}): {overview_path}")
 
-    writer = metrics.MetricWriter(workdir, enabled=parallel.is_primary())
+    writer = metrics.create_writer(workdir, enabled=parallel.is_primary())
     writer.write_hparams(config.to_dict())
+    bar = progress.Progress(
+        trainer.total_steps,
+        start_step,
+        trainer.steps_per_epoch,
+        config.batch_size,
+        mode=config.get("progress", "auto"),
+        enabled=parallel.is_primary(),
+    )
+    profiler = progress.StepProfiler(config.get("profile_steps", ""), os.path.join(workdir, "profile"))
+    write_eval_images = eval_image_writer(trainer, config.get("eval_images", 8), writer)
     log_every = cadence(config.log_every_steps, trainer.steps_per_epoch)
     eval_every = cadence(config.eval_every_steps, trainer.steps_per_epoch)
     save_every = cadence(config.checkpoint_every_steps, trainer.steps_per_epoch)
-    skip_nonfinite = config.get("skip_nonfinite_steps", False)
+    # float16 overflows are expected: loss scaling skips those steps and adapts instead of stopping.
+    skip_nonfinite = config.get("skip_nonfinite_steps", False) or trainer.loss_scaling
 
     def save(step: int, eval_scalars: dict[str, float] | None) -> None:
         if not skip_nonfinite:
@@ -356,7 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 local_batch = next(batches)
                 skipped += int(local_batch.pop("skipped", np.zeros(1)).sum())
                 batch = parallel.to_global(local_batch, trainer.batch_sharding, config.batch_size)
+                profiler.before_step(step)
                 state, step_metrics = trainer.train_step(state, batch)
+                bar.step(step)
+                if profiler.after_step(step, state):
+                    log(f"profile of steps {profiler.start}-{step} written to {profiler.directory}")
                 pending.append(step_metrics)
                 unchecked.append((step, step_metrics))
                 window_steps += 1
@@ -377,13 +273,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         scalars["steps_per_sec"] = window_steps / elapsed
                         scalars["images_per_sec"] = window_steps * config.batch_size / elapsed
                     writer.write_scalars(step, scalars)
-                    log(format_train_line(step, trainer.total_steps, trainer.steps_per_epoch, scalars))
+                    line = format_train_line(step, trainer.total_steps, trainer.steps_per_epoch, scalars)
+                    log(line + bar.eta_text(step))
                     pending, window_start, window_steps = [], time.perf_counter(), 0
                 eval_scalars = None
                 if step % eval_every == 0 or last:
                     eval_start = time.perf_counter()
+                    bar.pause()
                     eval_scalars = evaluate_and_log(trainer, state, step, last)
                     writer.write_scalars(step, eval_scalars)
+                    write_eval_images(state, step)
+                    bar.resume()
                     window_start += time.perf_counter() - eval_start
                 if step % save_every == 0 or last:
                     save(step, eval_scalars)
@@ -394,6 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     break
     finally:
         checkpoints.close()  # finish in-flight saves, also when the run stops on an error
+        bar.close()
+        profiler.stop()
         writer.close()
         batches.close()  # stops grain's worker processes and frees their shared memory
     if start_step >= trainer.total_steps:
@@ -406,11 +308,16 @@ def restore_or_init(
     trainer: Trainer, checkpoints: checkpoint.Checkpoints, batches: Any
 ) -> tuple[TrainState, int]:
     """The latest good checkpoint of the workdir (checked against the config), or a fresh state."""
-    key = jax.random.key(trainer.config.seed)
+    key = rng_key(trainer.config.seed)
     abstract = checkpoint.with_sharding(jax.eval_shape(trainer.init, key), parallel.replicated(trainer.mesh))
     restored = checkpoints.restore_latest(abstract, batches, trainer.config)
     if restored is None:
-        return trainer.init(key), 0
+        state = trainer.init(key)
+        if trainer.config.get("init_from"):  # fine-tuning; a checkpoint of this workdir takes precedence
+            state = weights.start_from_pretrained(
+                state, trainer.config.init_from, trainer.config.model, trainer.tx, log
+            )
+        return state, 0
     step, items = restored
     changes = checkpoint.check_compatible(items["config"], trainer.config, step, checkpoints.directory)
     log(f"resumed from the checkpoint of step {step} in {checkpoints.directory}")
@@ -432,6 +339,26 @@ def evaluate_and_log(trainer: Trainer, state: TrainState, step: int, final: bool
     return scalars
 
 
+def eval_image_writer(trainer: Trainer, count: int, writer: metrics.MultiWriter) -> Any:
+    """`write(state, step)`: the first `count` eval images with their predicted and true labels, as
+    one captioned grid (TensorBoard tag `eval_predictions`). Every process predicts (the state is
+    global); process 0 writes. count 0: nothing."""
+    if count <= 0:
+        return lambda state, step: None
+    batch = next(data.eval_batches(trainer.dataset, global_batch_size=count))
+    keep = batch["mask"] > 0
+    images, labels = batch["image"][keep], batch["label"][keep]
+    info = trainer.dataset.info
+    predict = jax.jit(functools.partial(predict_classes, model=trainer.model, mean=info.mean, std=info.std))
+
+    def write(state: TrainState, step: int) -> None:
+        predicted = np.asarray(jax.device_get(predict(state.for_eval(), images)))
+        grid = metrics.prediction_grid(images, labels.tolist(), predicted.tolist(), info.class_names)
+        writer.write_images(step, {"eval_predictions": grid})
+
+    return write
+
+
 def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict[str, float]) -> str:
     line = (
         f"step {step}/{total} (epoch {step / steps_per_epoch:.1f}) | loss {scalars['train_loss']:.4f} "
@@ -444,4 +371,10 @@ def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict
 
 log = metrics.log
 # Errors whose message is the whole story: the CLI prints them without a traceback.
-USER_ERRORS = (ConfigError, sources.DatasetError, checkpoint.CheckpointError, NonFiniteError)
+USER_ERRORS = (
+    ConfigError,
+    sources.DatasetError,
+    checkpoint.CheckpointError,
+    NonFiniteError,
+    weights.WeightsError,
+)

@@ -153,7 +153,7 @@ def _options(**changes):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(models=("resnet19",)), "--model='resnet19' is not valid; choose one of: resnet18, resnet20"),
+        (dict(models=("resnet19",)), "--model='resnet19' is not valid; choose one of: resnet20, resnet32"),
         (dict(dtypes=("float64",)), "--dtype='float64' is not valid; choose one of: float32, bfloat16"),
         (dict(mode="predict"), "--mode='predict' is not valid; choose one of: train, eval"),
         (dict(per_device_batch_sizes=(4,)), "give --batch_size or --per_device_batch_size, not both"),
@@ -186,7 +186,7 @@ def test_sweep_is_every_combination():
 @pytest.mark.parametrize(
     "args,env,message",
     [
-        (["--model=resnet19,resnet20"], {}, "--model='resnet19' is not valid; choose one of: resnet18"),
+        (["--model=resnet19,resnet20"], {}, "--model='resnet19' is not valid; choose one of: resnet20"),
         (
             ["--model=resnet20", "--batch_size=6"],
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},

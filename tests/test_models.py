@@ -2,8 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from resnet_jax import models
+from resnet_jax import layers, models
 
 # torchvision's published counts (1000 classes, 224 px), and He et al.'s CIFAR nets (10 classes).
 PUBLISHED = {
@@ -12,8 +13,23 @@ PUBLISHED = {
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+    # timm's
+    "resnet50d": 25_576_264,
+    "seresnet50": 28_088_024,
 }
-CIFAR_APPROX = {"resnet20": 0.27e6, "resnet56": 0.85e6, "resnet110": 1.7e6}
+# He et al.'s CIFAR nets and Zagoruyko & Komodakis's WRN-d-k (their Table 1 and text).
+CIFAR_APPROX = {
+    "resnet20": 0.27e6,
+    "resnet56": 0.85e6,
+    "resnet110": 1.7e6,
+    "wrn28_10": 36.5e6,
+    "wrn16_8": 11.0e6,
+}
 
 
 def shapes(name, num_classes, size, channels=3, **options):
@@ -25,22 +41,23 @@ def shapes(name, num_classes, size, channels=3, **options):
 
 
 @pytest.mark.parametrize("name", models.names())
-def test_every_registry_name_builds_with_the_right_output_shape(name):
-    size = 32 if name.removeprefix("resnet").removeprefix("plain") in ("20", "32", "44", "56", "110") else 64
-    variables, out = shapes(name, 7, size)
-    assert out.shape == (2, 7) and out.dtype == jnp.float32
+def test_every_registry_name_builds_with_the_right_output_shape_and_parameter_count(name):
+    # One trace per name (tracing is the cost): shapes at a small size, where parameter counts are
+    # the same as at 224 px (ImageNet nets, 1000 classes) or 32 px (CIFAR nets, 10 classes).
+    size, classes = (32, 10) if models.is_cifar(name) else (64, 1000)
+    variables, out = shapes(name, classes, size)
+    assert out.shape == (2, classes) and out.dtype == jnp.float32
     assert set(variables) == {"params", "batch_stats"}
+    count = sum(x.size for x in jax.tree.leaves(variables["params"]))
+    if name in PUBLISHED:
+        assert count == PUBLISHED[name]
+    if name in CIFAR_APPROX:
+        assert abs(count - CIFAR_APPROX[name]) / CIFAR_APPROX[name] < 0.03, count
 
 
-@pytest.mark.parametrize("name,count", PUBLISHED.items())
-def test_imagenet_parameter_counts_match_torchvision(name, count):
-    assert models.count_params(models.create(name, 1000), 224) == count
-
-
-@pytest.mark.parametrize("name,approx", CIFAR_APPROX.items())
-def test_cifar_parameter_counts_match_the_paper(name, approx):
-    count = models.count_params(models.create(name, 10), 32)
-    assert abs(count - approx) / approx < 0.03, count
+def test_published_counts_are_checked_and_count_params_agrees():
+    assert set(PUBLISHED) | set(CIFAR_APPROX) <= set(models.names())
+    assert models.count_params(models.create("resnet18", 1000), 224) == PUBLISHED["resnet18"]
 
 
 def test_plain_nets_have_the_same_parameters_as_their_residual_twins():
@@ -139,3 +156,106 @@ def test_imagenet_stem_pads_like_pytorch():
             variables,
         )
         assert mods["intermediates"]["layer1_0"]["__call__"][0].shape[1] == expected
+
+
+def block_output_sizes(module, size):
+    """Spatial size of every conv output of block layer2_0 (shapes only)."""
+    x = jnp.zeros((1, size, size, 3))
+    variables = jax.eval_shape(module.init, jax.random.key(0), x)
+    inter = jax.eval_shape(
+        lambda v: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"])[1], variables
+    )["intermediates"]["layer2_0"]
+    return {k: v["__call__"][0].shape[1] for k, v in inter.items() if k.startswith("conv")}
+
+
+def test_v1_puts_the_stride_on_the_first_1x1_and_v15_on_the_3x3():
+    assert block_output_sizes(models.create("resnet50", 10), 64) == {"conv1": 16, "conv2": 8, "conv3": 8}
+    assert block_output_sizes(models.create("resnet50_v1", 10), 64) == {"conv1": 8, "conv2": 8, "conv3": 8}
+    assert block_output_sizes(models.create("resnet50", 10, stride_on="1x1"), 64)["conv1"] == 8
+
+
+def test_squeeze_excitation_is_an_option_of_any_block():
+    for name in ("resnet20", "preact_resnet18", "resnext50_32x4d"):
+        variables, _ = shapes(name, 10, 32, se_ratio=0.25)
+        blocks = [v for k, v in variables["params"].items() if k.startswith("layer")]
+        assert all(set(block["se"]) == {"fc1", "fc2"} for block in blocks), name
+    plain, _ = shapes("resnet18", 10, 32)
+    assert "se" not in plain["params"]["layer1_0"]
+
+
+def test_resnet_d_has_a_deep_stem_and_average_pool_shortcuts():
+    variables, _ = shapes("resnet50d", 10, 64)
+    params = variables["params"]
+    assert params["stem_conv1"]["kernel"].shape == (3, 3, 3, 32)
+    assert params["conv1"]["kernel"].shape == (3, 3, 32, 64)
+    # Stride 1 in the 1x1 projection: the 2x2 average pool before it does the downsampling.
+    assert params["layer2_0"]["shortcut"]["downsample_conv"]["kernel"].shape == (1, 1, 256, 512)
+
+
+def rates_and_outputs(drop_path_rate=0.0, dropout_rate=0.0, train=False, seed=0, x=None):
+    module = models.create("resnet20", 10, drop_path_rate=drop_path_rate, dropout_rate=dropout_rate)
+    x = jnp.ones((8, 8, 8, 3)) if x is None else x
+    variables = models.create("resnet20", 10, zero_init_residual=False).init(jax.random.key(0), x)
+    rngs = {"dropout": jax.random.key(seed)}
+    out = module.apply(variables, x, train=train, rngs=rngs, mutable=["batch_stats"])[0]
+    return module, variables, out
+
+
+def test_stochastic_depth_and_dropout_act_in_training_only():
+    _, variables, base = rates_and_outputs()
+    module, regularised, eval_out = rates_and_outputs(0.5, 0.5)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, regularised)  # same parameters
+    np.testing.assert_allclose(eval_out, base, rtol=1e-6, atol=1e-6)
+    a, b = rates_and_outputs(train=True, seed=1)[2], rates_and_outputs(train=True, seed=2)[2]
+    np.testing.assert_array_equal(a, b)  # rate 0: no randomness in training
+    c, d = (
+        rates_and_outputs(0.5, 0.5, train=True, seed=1)[2],
+        rates_and_outputs(0.5, 0.5, train=True, seed=2)[2],
+    )
+    assert not np.allclose(c, d)
+
+
+def test_drop_path_rate_rises_linearly_to_the_last_block_which_drops_that_share():
+    module = models.create("resnet20", 10, drop_path_rate=0.3)
+    rates = []
+
+    def record(call, args, kwargs, context):
+        if isinstance(context.module, models.BasicBlock) and context.method_name == "__call__":
+            rates.append(context.module.drop_path)
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    np.testing.assert_allclose(rates, np.linspace(0.0, 0.3, 9), atol=1e-7)
+    x = jnp.ones((20_000, 1, 1, 1))
+    y = layers.DropPath(0.3, deterministic=False).apply({}, x, rngs={"dropout": jax.random.key(0)})
+    dropped = float((y == 0).mean())
+    assert abs(dropped - 0.3) < 0.02
+    np.testing.assert_allclose(y[y != 0], 1 / 0.7, rtol=1e-6)  # survivors scaled by 1/keep
+
+
+def test_frozen_norm_uses_and_keeps_the_running_statistics_in_training():
+    module, variables = init("resnet20", zero_init_residual=False)
+    frozen = models.create("resnet20", 10, zero_init_residual=False, frozen_norm=True)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    out, updates = frozen.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(out, module.apply(variables, x, train=False), rtol=1e-6, atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
+
+
+def test_average_pool_shortcut_pools_odd_sizes_like_pytorch_ceil_mode():
+    x = jnp.arange(25.0).reshape(1, 5, 5, 1)
+    y = layers.avg_pool_ceil(x, 2)[0, :, :, 0]
+    assert y.shape == (3, 3)
+    assert float(y[0, 0]) == (0 + 1 + 5 + 6) / 4 and float(y[2, 2]) == 24.0  # edge: valid pixels only
+    assert float(y[0, 2]) == (4 + 9) / 2
+
+
+def test_model_table_prints_params_and_gflops(capsys):
+    assert models.main(["--names", "resnet20", "wrn16_4", "--no_flops"]) == 0
+    assert models.main(["--names", "resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert "wrn16_4" in out and "2.75M" in out
+    row = [line for line in out.splitlines() if line.startswith("resnet20")][-1].split()
+    assert row[2] == "0.27M" and 0.03 < float(row[3]) < 0.1  # ~41M multiply-adds at 32 px
+    assert models.main(["--names", "resnet19"]) == 2

@@ -1,0 +1,268 @@
+"""The building blocks of `models.ResNet`: blocks, shortcuts, squeeze-and-excitation, drop-path, ghost BN.
+
+Blocks receive their conv and norm layers already configured (dtype, padding, BatchNorm mode), so
+one block class serves every variant: v1 or v1.5 stride placement (`stride_on`), grouped and wide
+bottlenecks (`groups`, `base_width`), squeeze-and-excitation (`se_ratio`), stochastic depth
+(`drop_path`), and identity / projection / option-A / average-pool (ResNet-D) shortcuts. Module
+names follow torchvision's and timm's (`conv1`, `bn1`, `se/fc1`) so that `weights` maps their
+state dicts one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+ModuleDef = Any
+SHORTCUTS = ("projection", "pad", "avg")  # or None: a plain block without the skip path
+STRIDE_PLACEMENTS = ("3x3", "1x1")  # v1.5 (torchvision, timm) or v1 (He et al. 2015, Caffe)
+
+
+def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """k//2 pixels on each side, like PyTorch; XLA's 'SAME' pads strided layers asymmetrically."""
+    return ((kernel_size // 2,) * 2,) * 2
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """timm's channel rounding for the squeeze-and-excitation bottleneck (nearest multiple, at least one)."""
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
+    """PyTorch's AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False): odd sizes keep their edge."""
+    outputs = [-(-(size - 2) // stride) + 1 for size in x.shape[1:3]]
+    pad = tuple((0, (out - 1) * stride + 2 - size) for out, size in zip(outputs, x.shape[1:3], strict=True))
+    return nn.avg_pool(x, (2, 2), (stride, stride), padding=pad, count_include_pad=False)
+
+
+class Identity(nn.Module):
+    """Stands in for BatchNorm when `norm='none'` (accepts and ignores its options)."""
+
+    scale_init: Callable | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class GhostBatchNorm(nn.Module):
+    """BatchNorm whose training statistics come from groups of `group_size` consecutive examples.
+
+    Hoffer et al. (2017)'s "ghost" BatchNorm, and what pmap codes and the MLPerf ResNet recipe get
+    from per-device statistics. The variables are `nn.BatchNorm`'s (params `scale`, `bias`;
+    batch_stats `mean`, `var`), so checkpoints and imported weights carry over; the running
+    statistics move towards the average of the groups' statistics. Reshaping the batch into
+    groups keeps a batch sharded over devices local as long as each device holds whole groups:
+    no `shard_map` and no communication beyond the running averages.
+    """
+
+    group_size: int
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, jnp.float32)
+        bias = self.param("bias", self.bias_init, features, jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var, groups = ra_mean.value, ra_var.value, x32
+        else:
+            if x.shape[0] % self.group_size:
+                raise ValueError(
+                    f"bn_group_size={self.group_size} does not divide the batch of {x.shape[0]} examples "
+                    f"reaching {self.name}"
+                )
+            groups = x32.reshape(x.shape[0] // self.group_size, self.group_size, *x.shape[1:])
+            axes = tuple(range(1, groups.ndim - 1))
+            mean = groups.mean(axes, keepdims=True)
+            var = jnp.maximum(0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(mean))
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(features)
+                ra_var.value = m * ra_var.value + (1 - m) * var.mean(0).reshape(features)
+        y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.reshape(x.shape).astype(self.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop the whole branch of some examples, scale the rest.
+
+    Identity in eval mode and at rate 0; otherwise uses the 'dropout' rng. No parameters.
+    """
+
+    rate: float
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class SqueezeExcite(nn.Module):
+    """Hu et al. (2018): channel gates from the global average through a bottleneck (timm's SEModule)."""
+
+    reduced: int
+    conv: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.relu(self.conv(self.reduced, (1, 1), use_bias=True, name="fc1")(s))
+        s = self.conv(x.shape[-1], (1, 1), use_bias=True, name="fc2")(s)
+        return x * nn.sigmoid(s)
+
+
+class Shortcut(nn.Module):
+    """The skip path: identity, projection (1x1 conv + norm), option A (subsample + zero-pad), or
+    ResNet-D's 2x2 average pool before a stride-1 projection ('avg')."""
+
+    filters: int
+    strides: int
+    kind: str
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] == self.filters and self.strides == 1:
+            return x
+        if self.kind == "pad":
+            x = x[:, :: self.strides, :: self.strides, :]
+            extra = self.filters - x.shape[-1]
+            return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        strides = self.strides
+        if self.kind == "avg" and strides > 1:
+            x, strides = avg_pool_ceil(x, strides), 1
+        x = self.conv(self.filters, (1, 1), (strides, strides), name="downsample_conv")(x)
+        return self.norm(name="downsample_bn")(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (ResNet-18/34 and the CIFAR family)."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: int = 1
+    shortcut: str | None = "projection"
+    zero_init_residual: bool = True
+    groups: int = 1  # bottlenecks only: grouped 3x3 (ResNeXt cardinality)
+    base_width: int = 64  # bottlenecks only: 3x3 width = filters * base_width / 64 * groups
+    stride_on: str = "3x3"  # bottlenecks only: "1x1" is v1
+    se_ratio: float = 0.0  # squeeze-and-excitation on the branch output; 0 = none
+    drop_path: float = 0.0  # stochastic depth rate of this block
+    deterministic: bool = True  # eval mode for drop-path
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2")(y)
+        return self._merge(x, y, "bn2")
+
+    @property
+    def out_filters(self) -> int:
+        return self.filters * self.expansion
+
+    def _branch_end(self, y: jax.Array) -> jax.Array:
+        """Squeeze-and-excitation and stochastic depth, on the branch just before the sum."""
+        if self.se_ratio:
+            y = SqueezeExcite(make_divisible(self.out_filters * self.se_ratio), self.conv, name="se")(y)
+        return DropPath(self.drop_path, self.deterministic)(y)
+
+    def _merge(self, x: jax.Array, y: jax.Array, last_norm: str) -> jax.Array:
+        if self.shortcut is None:
+            return self.act(self.norm(name=last_norm)(y))
+        zero = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self._branch_end(self.norm(scale_init=zero, name=last_norm)(y))
+        skip = Shortcut(self.out_filters, self.strides, self.shortcut, self.conv, self.norm, name="shortcut")
+        return self.act(skip(x) + y)
+
+    def _bottleneck_convs(self, x: jax.Array, norm_names: tuple[str, str], pre: Callable) -> jax.Array:
+        """1x1 reduce, 3x3 (grouped), 1x1 expand by 4; the stride on the 3x3 (v1.5) or the 1x1 (v1)."""
+        width = int(self.filters * self.base_width / 64) * self.groups
+        s = (self.strides, self.strides)
+        first, middle = (s, (1, 1)) if self.stride_on == "1x1" else ((1, 1), s)
+        y = self.conv(width, (1, 1), first, name="conv1")(x)
+        y = pre(y, norm_names[0])
+        y = self.conv(width, (3, 3), middle, feature_group_count=self.groups, name="conv2")(y)
+        return pre(y, norm_names[1])
+
+
+class BottleneckBlock(BasicBlock):
+    """1x1 reduce, 3x3 (carries the stride: v1.5, unless stride_on='1x1'), 1x1 expand by 4."""
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self._bottleneck_convs(x, ("bn1", "bn2"), lambda y, name: self.act(self.norm(name=name)(y)))
+        y = self.conv(self.out_filters, (1, 1), name="conv3")(y)
+        return self._merge(x, y, "bn3")
+
+
+class PreActBasicBlock(BasicBlock):
+    """Pre-activation basic block (He et al. 2016, "Identity Mappings"): y = x + F(x), nothing after.
+
+    F is norm-act-conv twice. With an identity shortcut dy/dx = I + dF/dx exactly, which is what
+    carries the gradient through deep stacks; v1's activation after the sum multiplies it by act'
+    in every block. A projection shortcut reads the pre-activated input; option A reads x itself.
+    `zero_init_residual` zeroes the last conv kernel (there is no norm after it to zero).
+    """
+
+    pre_activation = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pre = self.act(self.norm(name="bn1")(x))
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(pre)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2", **self._last_conv_options())(y)
+        return self._add_skip(x, pre, y)
+
+    def _last_conv_options(self) -> dict[str, Any]:
+        zero = self.zero_init_residual and self.shortcut is not None
+        return {"kernel_init": nn.initializers.zeros} if zero else {}
+
+    def _add_skip(self, x: jax.Array, pre: jax.Array, y: jax.Array) -> jax.Array:
+        if self.shortcut is None:
+            return y
+        y = self._branch_end(y)
+        filters = self.out_filters
+        projects = self.shortcut != "pad" and (x.shape[-1] != filters or self.strides != 1)
+        skip = Shortcut(filters, self.strides, self.shortcut, self.conv, Identity, name="shortcut")
+        return skip(pre if projects else x) + y
+
+
+class PreActBottleneckBlock(PreActBasicBlock):
+    """Pre-activation bottleneck: norm-act before each of 1x1 reduce, 3x3 (strided), 1x1 expand."""
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pre = self.act(self.norm(name="bn1")(x))
+        y = self._bottleneck_convs(pre, ("bn2", "bn3"), lambda y, name: self.act(self.norm(name=name)(y)))
+        y = self.conv(self.out_filters, (1, 1), name="conv3", **self._last_conv_options())(y)
+        return self._add_skip(x, pre, y)
+
+
+PRE_ACTIVATION = {BasicBlock: PreActBasicBlock, BottleneckBlock: PreActBottleneckBlock}
