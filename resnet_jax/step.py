@@ -139,6 +139,16 @@ def accumulate_gradients(
     return (losses.mean(), (join_micro_batches(logits), batch_stats)), grads
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together, as one reduction over their concatenation.
+
+    `optax.global_norm` emits one reduction per leaf; on the ResNet-18 step that is 109 of its 711
+    fusions and about 10 % of its compile time on a CPU. The concatenation copies the gradients
+    once (a parameter-sized buffer), which is small next to the step's activations.
+    """
+    return jnp.linalg.norm(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)]))
+
+
 def update_loss_scale(
     loss_scale: dict[str, jax.Array], finite: jax.Array, period: int
 ) -> dict[str, jax.Array]:
@@ -214,7 +224,7 @@ def train_step(
             jax.random.split(dropout_key, k),
         )
         (loss, (logits, batch_stats)), grads = accumulate_gradients(loss_and_grads, state, inputs, k)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     # One scalar test instead of one reduction per gradient and update leaf (which doubled the
     # step's HLO and its compile time): an inf/NaN anywhere makes the norm non-finite, and so

@@ -262,3 +262,10 @@ def test_every_optimizer_lowers_the_digits_loss(name, tiny_digits_setup):
         losses.append(float(step_metrics.compute()["loss"]))
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.9 * losses[0] and losses[-1] < min(losses[:5]), losses
+
+
+def test_the_steps_global_norm_equals_optaxs():
+    from resnet_jax import step
+
+    params = resnet20_params()
+    np.testing.assert_allclose(step.global_norm(params), optax.global_norm(params), rtol=1e-6)
