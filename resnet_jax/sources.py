@@ -161,7 +161,8 @@ def find_tfds(spec: str, name: str, data_dir: str | None, train_split: str, eval
         candidates = [eval_split]
     try:
         train = open_split(train_split)
-    except (NotImplementedError, FileNotFoundError, AssertionError, OSError) as e:
+    except (NotImplementedError, FileNotFoundError, AssertionError, OSError, KeyError) as e:
+        # KeyError: TFDS 4.9.10 on a never-prepared dataset ("`splits` is empty").
         raise _not_prepared(spec, name, str(builder.data_dir), e) from None
     except ValueError as e:
         raise DatasetError(f"dataset={spec!r}: train split {train_split!r}: {e}") from None

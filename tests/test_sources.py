@@ -76,18 +76,19 @@ def test_an_unprepared_tfds_dataset_says_where_tfds_looked_and_how_to_prepare_it
         data.load(digits_config(dataset="tfds:nosuchdataset", data_dir=str(tmp_path)))
 
 
-def test_train_py_reports_a_missing_dataset_in_one_message(tmp_path):
-    result = run_script(
-        "train.py",
-        "--config",
-        "configs/digits.py",
-        "--workdir",
-        str(tmp_path / "run"),
-        "--config.dataset=tfds:cifar10",
-        f"--config.data_dir={tmp_path / 'tfds'}",
-    )
+@pytest.mark.parametrize("where", ["data_dir", "TFDS_DATA_DIR"])
+def test_train_py_reports_a_missing_dataset_in_one_message(tmp_path, where):
+    """Through --config.data_dir, or tfds's default directory (TFDS_DATA_DIR, data_dir None), where
+    TFDS 4.9.10 fails differently (a KeyError about empty splits)."""
+    args = ["train.py", "--config", "configs/digits.py", "--workdir", str(tmp_path / "run")]
+    args.append("--config.dataset=tfds:cifar10")
+    env = {"TFDS_DATA_DIR": str(tmp_path / "tfds")} if where == "TFDS_DATA_DIR" else {}
+    if where == "data_dir":
+        args.append(f"--config.data_dir={tmp_path / 'tfds'}")
+    result = run_script(*args, env=env)
     assert result.returncode == 2, result.stderr
     assert "tfds build cifar10" in result.stderr and "Traceback" not in result.stderr
+    assert str(tmp_path / "tfds" / "cifar10") in result.stderr
 
 
 # ---------------------------------------------------------------- image folders
