@@ -64,15 +64,19 @@ def kernel_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
+def setting(config: Any, key: str, defaults: dict[str, float]) -> float | None:
+    """`config[key]`, or the optimizer's own default when it is unset (None)."""
+    value = config.get(key)
+    return defaults.get(config.optimizer) if value is None else float(value)
+
+
 def learning_rate(config: Any) -> float:
     """The peak learning rate: `config.learning_rate`, or the optimizer's default when unset."""
-    value = config.get("learning_rate")
-    return DEFAULT_LEARNING_RATES[config.optimizer] if value is None else float(value)
+    return setting(config, "learning_rate", DEFAULT_LEARNING_RATES)
 
 
 def weight_decay(config: Any) -> float:
-    value = config.get("weight_decay")
-    return DEFAULT_WEIGHT_DECAYS[config.optimizer] if value is None else float(value)
+    return setting(config, "weight_decay", DEFAULT_WEIGHT_DECAYS)
 
 
 def weight_decay_mode(config: Any) -> str:
@@ -134,7 +138,7 @@ def create_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> opta
 def preconditioner(config: Any) -> optax.GradientTransformation:
     """The optimizer's own scaling of the gradient, before the learning rate."""
     name, momentum = config.optimizer, config.get("momentum", 0.9)
-    eps = config.get("eps") if config.get("eps") is not None else DEFAULT_EPS.get(name)
+    eps = setting(config, "eps", DEFAULT_EPS)
     b1, b2 = config.get("b1", 0.9), config.get("b2", 0.999)
     if name in ("momentum", "nesterov"):
         return optax.trace(momentum, nesterov=name == "nesterov")
@@ -167,8 +171,7 @@ def create(
     if wd and mode == "decoupled":
         chain.append(decay)
     if name in TRUST_RATIO:
-        coefficient = config.get("trust_coefficient")
-        coefficient = DEFAULT_TRUST_COEFFICIENTS[name] if coefficient is None else coefficient
+        coefficient = setting(config, "trust_coefficient", DEFAULT_TRUST_COEFFICIENTS)
         trust = optax.scale_by_trust_ratio(trust_coefficient=coefficient)
         chain.append(optax.masked(trust, kernel_mask))
     chain.append(optax.scale_by_learning_rate(schedule))

@@ -8,6 +8,7 @@ Class names come from the checkpoint, so predictions map back to the dataset's l
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from resnet_jax import augment, checkpoint
 from resnet_jax.inference import load_trained
-from resnet_jax.step import normalize
+from resnet_jax.step import eval_logits
 
 
 def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: int = 5) -> list[dict]:
@@ -30,9 +31,8 @@ def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: 
         except (OSError, ValueError) as e:
             raise checkpoint.CheckpointError(f"cannot read image {path!r}: {e}") from None
         images.append(augment.resize_shorter_and_center_crop(image, height, info.eval_crop))
-    variables = {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
-    logits = jax.jit(lambda v, x: trained.model.apply(v, normalize(x, info.mean, info.std), train=False))(
-        variables, np.stack(images)
+    logits = jax.jit(functools.partial(eval_logits, model=trained.model, mean=info.mean, std=info.std))(
+        trained.state, np.stack(images)
     )
     probabilities = np.asarray(jax.nn.softmax(logits))
     k = min(top_k, info.num_classes)

@@ -239,11 +239,9 @@ def train_step(
         new_state = new_state.replace(
             ema=jax.tree.map(average, state.ema, {"params": params, "batch_stats": batch_stats})
         )
-    if skip_nonfinite or scale is not None:
+    if skip_nonfinite or scale is not None:  # a skipped step still counts (schedule, data order)
         keep_old = lambda new, old: jnp.where(finite, new, old)
-        new_state = jax.tree.map(keep_old, new_state.replace(step=state.step), state).replace(
-            step=state.step + 1
-        )
+        new_state = jax.tree.map(keep_old, new_state, state).replace(step=state.step + 1)
     outputs = dict(
         loss=loss,
         logits=logits,
@@ -269,11 +267,7 @@ def eval_step(
     std: tuple[float, ...],
 ) -> metrics.EvalMetrics:
     """Running BatchNorm statistics; padded examples (mask 0) do not count."""
-    logits = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        normalize(batch["image"], mean, std),
-        train=False,
-    )
+    logits = eval_logits(state, batch["image"], model=model, mean=mean, std=std)
     return metrics.EvalMetrics.single_from_model_output(
         loss=cross_entropy(logits, batch["label"]),
         logits=logits,
@@ -281,6 +275,19 @@ def eval_step(
         top5_correct=metrics.top5_correct(logits, batch["label"]),
         mask=batch["mask"],
     )
+
+
+def eval_logits(
+    state: TrainState,
+    images: jax.Array,
+    *,
+    model: flax.linen.Module,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> jax.Array:
+    """Inference-mode logits of uint8 NHWC images (running BatchNorm statistics)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model.apply(variables, normalize(images, mean, std), train=False)
 
 
 def predict_classes(
@@ -291,7 +298,4 @@ def predict_classes(
     mean: tuple[float, ...],
     std: tuple[float, ...],
 ) -> jax.Array:
-    logits = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, normalize(images, mean, std), train=False
-    )
-    return logits.argmax(-1)
+    return eval_logits(state, images, model=model, mean=mean, std=std).argmax(-1)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from resnet_jax import models, sources
+from resnet_jax import models, sources, step
 
 # Architectures each source publishes with the same layer layout as ours.
 TORCHVISION = (
@@ -127,13 +127,9 @@ def torch_shape(flax_shape: tuple[int, ...], conv_head: bool = False) -> tuple[i
     return tuple(flax_shape)
 
 
+@functools.lru_cache(maxsize=32)
 def flax_shapes(name: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flax variable path -> shape for registry model `name` (traced once per name and size)."""
-    return _flax_shapes(name, num_classes)
-
-
-@functools.lru_cache(maxsize=32)
-def _flax_shapes(name: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
     module = models.create(name, num_classes)
     x = jnp.zeros((1, 64, 64, 3))
     shapes = traverse_util.flatten_dict(jax.eval_shape(module.init, jax.random.key(0), x))
@@ -361,10 +357,8 @@ def start_from_pretrained(
         fresh,
     )
     log(f"initialised from the {pretrained_name} weights in {directory}")
-    state = state.replace(opt_state=tx.init(variables["params"]), **variables)
-    if getattr(state, "ema", None):
-        state = state.replace(ema=variables)
-    return state
+    pretrained_state = step.state_from_variables(variables, tx, ema=bool(state.ema))
+    return pretrained_state.replace(step=state.step, loss_scale=state.loss_scale)
 
 
 def head_labels(params: Any) -> Any:
