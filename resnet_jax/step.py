@@ -288,14 +288,3 @@ def eval_logits(
     """Inference-mode logits of uint8 NHWC images (running BatchNorm statistics)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return model.apply(variables, normalize(images, mean, std), train=False)
-
-
-def predict_classes(
-    state: TrainState,
-    images: jax.Array,
-    *,
-    model: flax.linen.Module,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-) -> jax.Array:
-    return eval_logits(state, images, model=model, mean=mean, std=std).argmax(-1)

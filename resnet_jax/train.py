@@ -23,11 +23,11 @@ from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.step import (  # noqa: F401  (re-exported: train.TrainState, train.train_step, ...)
     TrainState,
     cross_entropy,
+    eval_logits,
     eval_step,
     init_state,
     join_micro_batches,
     normalize,
-    predict_classes,
     rng_key,
     soft_cross_entropy,
     split_micro_batches,
@@ -349,7 +349,8 @@ def eval_image_writer(trainer: Trainer, count: int, writer: metrics.MultiWriter)
     keep = batch["mask"] > 0
     images, labels = batch["image"][keep], batch["label"][keep]
     info = trainer.dataset.info
-    predict = jax.jit(functools.partial(predict_classes, model=trainer.model, mean=info.mean, std=info.std))
+    logits = functools.partial(eval_logits, model=trainer.model, mean=info.mean, std=info.std)
+    predict = jax.jit(lambda state, images: logits(state, images).argmax(-1))
 
     def write(state: TrainState, step: int) -> None:
         predicted = np.asarray(jax.device_get(predict(state.for_eval(), images)))
