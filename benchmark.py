@@ -31,6 +31,11 @@ flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (defaul
 flags.DEFINE_string("json", None, "Write the rows of figures to this JSON file.")
 flags.DEFINE_string("data", None, "Feed the step from this dataset spec instead of device-made batches.")
 flags.DEFINE_integer("seed", 0, "Seed for init and the synthetic batch.")
+flags.DEFINE_float(
+    "time_budget_s",
+    None,
+    "Seconds for the whole sweep: configurations that would likely end later are skipped (and listed).",
+)
 flags.DEFINE_string(
     "compilation_cache_dir",
     None,
@@ -78,6 +83,7 @@ def main(argv):
             peak_tflops=FLAGS.peak_tflops,
             data=FLAGS.data,
             seed=FLAGS.seed,
+            time_budget_s=FLAGS.time_budget_s,
         )
         used = {
             f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__]) if f.name != "config"

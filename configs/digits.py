@@ -17,6 +17,8 @@ def get_config():
     config.learning_rate = 0.1
     config.warmup_epochs = 1.0
     config.weight_decay = 5e-4
+    # A steadier final accuracy over seeds and devices (README, "Measured figures").
+    config.label_smoothing = 0.1
     config.log_every_steps = 0
     config.eval_every_steps = 0
     return config

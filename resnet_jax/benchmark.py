@@ -77,6 +77,9 @@ class Options:
     peak_tflops: float | None = None  # per device; overrides the PEAK_FLOPS table
     data: str | None = None  # None: batches made on the devices; else a dataset spec
     seed: int = 0
+    # Seconds for the whole sweep: a configuration that would likely end past them is skipped (and
+    # said so), judged by the longest configuration so far. None: no limit.
+    time_budget_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,8 @@ def check_options(options: Options, mesh: jax.sharding.Mesh) -> None:
         raise BenchmarkError(f"--warmup_steps={options.warmup_steps} must be 0 or more")
     if options.peak_tflops is not None and not options.peak_tflops > 0:
         raise BenchmarkError(f"--peak_tflops={options.peak_tflops} must be a positive number")
+    if options.time_budget_s is not None and not options.time_budget_s > 0:
+        raise BenchmarkError(f"--time_budget_s={options.time_budget_s} must be a positive number")
     try:
         for name in options.models:
             models.check_choice("--model", name, models.names())
@@ -201,19 +206,16 @@ def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
-    """FLOPs of one call per device, from XLA's cost analysis of the compiled (SPMD-partitioned) program.
+def step_flops_per_device(lowered: jax.stages.Lowered, num_devices: int) -> float | None:
+    """The model FLOPs of one step on one device: XLA's count of the lowered program over the devices.
 
-    Each device runs its share of the partitioned program, so this is one device's count.
+    Counted before compilation (`models.xla_flops`): the lowered program is the whole step, the
+    same on every backend, while a GPU's compiled cost analysis omits the cuDNN convolutions (on an
+    H200 it gave 1/55 of the ResNet-50 step's FLOPs). The step is data-parallel, so each device does
+    a 1/N share (the replicated optimizer update, a sliver of the total, is counted once).
     """
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # backends without a cost model
-        return None
-    if isinstance(analysis, list | tuple):  # older JAX: one dict per executable
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    flops = models.xla_flops(lowered)
+    return flops / num_devices if flops else None
 
 
 def mfu(flops_per_device: float | None, step_seconds: float, peak_per_device: float | None) -> float | None:
@@ -378,6 +380,7 @@ class CompiledCase:
     state: Any
     batches: Iterator[dict]
     compiled: jax.stages.Compiled
+    flops_per_device: float | None  # model FLOPs of one step on one device
     num_params: int
     init_seconds: float
     lowering_seconds: float
@@ -424,6 +427,7 @@ def compile_case(
         state=state,
         batches=itertools.chain([first], batches),
         compiled=compiled,
+        flops_per_device=step_flops_per_device(lowered, mesh.devices.size),
         num_params=sum(x.size for x in jax.tree.leaves(state.params)),
         init_seconds=init_seconds,
         lowering_seconds=t1 - t0,
@@ -445,7 +449,7 @@ def figures(
     seconds = np.asarray(times)
     step_seconds = float(seconds.mean())
     devices = mesh.devices.size
-    flops = compiled_flops(compiled.compiled)
+    flops = compiled.flops_per_device
     env = environment(list(mesh.devices.flat))
     peak = options.peak_tflops * 1e12 if options.peak_tflops else None
     if peak is None and "," not in env["device_kind"]:
@@ -505,12 +509,27 @@ def run_case(
     return figures(compiled, compiled.run(options.steps), options, config, mesh)
 
 
+def describe_case(case: Case, options: Options, mesh: jax.sharding.Mesh) -> str:
+    return (
+        f"{case.model} {options.mode}, batch {case.batch_size} "
+        f"({case.batch_size // mesh.devices.size}/device), {case.image_size}px, {case.dtype}, "
+        f"data {options.data or DEVICE_DATA}"
+    )
+
+
 def run(
     options: Options,
     base_config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Check every configuration first, then measure each; one row per configuration."""
+    """Check every configuration first, then measure each; one row per configuration.
+
+    `on_row` sees each row as soon as it is measured (so that a long sweep cut short keeps what
+    it measured). With `options.time_budget_s`, a configuration that would likely end past the
+    budget is skipped with a message: its expected duration is the longest one so far.
+    """
+    start = time.perf_counter()
     mesh = parallel.create_mesh() if mesh is None else mesh
     cases = plan(options, mesh)
     configs = [case_config(base_config, case, options) for case in cases]
@@ -520,16 +539,25 @@ def run(
         if key not in datasets:
             datasets[key] = load_dataset(config)
     progress(f"{len(cases)} configuration(s) on {parallel.describe(mesh)}")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    longest = 0.0
     for i, (case, config) in enumerate(zip(cases, configs, strict=True)):
-        progress(
-            f"[{i + 1}/{len(cases)}] {case.model} {options.mode}, batch {case.batch_size} "
-            f"({case.batch_size // mesh.devices.size}/device), {case.image_size}px, {case.dtype}, "
-            f"data {options.data or DEVICE_DATA}: compiling"
-        )
+        elapsed = time.perf_counter() - start
+        if options.time_budget_s is not None and rows and elapsed + longest > options.time_budget_s:
+            progress(
+                f"[{i + 1}/{len(cases)}] {describe_case(case, options, mesh)}: skipped, the time budget "
+                f"of {options.time_budget_s:.0f}s has {options.time_budget_s - elapsed:.0f}s left and the "
+                f"longest configuration so far took {longest:.0f}s"
+            )
+            continue
+        progress(f"[{i + 1}/{len(cases)}] {describe_case(case, options, mesh)}: compiling")
+        case_start = time.perf_counter()
         row = run_case(case, options, config, datasets[(config.dataset, config.image_size)], mesh)
+        longest = max(longest, time.perf_counter() - case_start)
         progress(f"    {row['images_per_sec']:.1f} img/s, median step {row['step_time_median_ms']:.1f} ms")
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -606,12 +634,22 @@ def main(
     json_path: str | None = None,
     flags: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure, print the table on stdout and write the JSON (process 0 only); return the rows."""
+    """Measure, print the table on stdout and write the JSON (process 0 only); return the rows.
+
+    The JSON is rewritten after every row, so that a sweep stopped half-way keeps its rows.
+    """
     check_json_path(json_path)
-    rows = run(options, base_config)
+    flags = flags if flags is not None else dataclasses.asdict(options)
+    measured: list[dict[str, Any]] = []
+
+    def write_so_far(row: dict[str, Any]) -> None:
+        measured.append(row)
+        if json_path and parallel.is_primary():
+            write_json(json_path, measured, flags)
+
+    rows = run(options, base_config, on_row=write_so_far)
     if parallel.is_primary():
         print(format_table(rows), flush=True)
         if json_path:
-            write_json(json_path, rows, flags if flags is not None else dataclasses.asdict(options))
             progress(f"wrote {len(rows)} row(s) to {json_path}")
     return rows

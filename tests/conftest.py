@@ -1,5 +1,6 @@
 """Shared fixtures: small configs and a subprocess runner for the command-line tests."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,9 +10,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that `configs` imports like it does for train.py
-# The suite is dominated by XLA compiling small programs that then run a few steps: compile fast
-# rather than optimise (about 20 % less CPU here). Subprocesses inherit it unless they set their own.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
+
+
+def runs_on_cpu() -> bool:
+    """Whether JAX will pick the CPU, known without starting JAX (which would fix its flags)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
+# On the CPU the suite is dominated by XLA compiling small programs that then run a few steps:
+# compile fast rather than optimise (about 20 % less CPU here). Subprocesses inherit it unless they
+# set their own. On an accelerator host (the accelerator check) the backend keeps its defaults.
+if runs_on_cpu():
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 
 def digits_config(**overrides):

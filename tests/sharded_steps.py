@@ -1,10 +1,12 @@
-"""Sharded train steps against references, on 8 virtual CPU devices (run by tests/test_parallel.py).
+"""Sharded train steps against references, over every device (run by tests/test_parallel.py).
 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_steps.py CASE [CASE ...]
 
-global_bn   the step sharded over 8 devices == the same step on 1 device (BatchNorm over the global batch)
-bn_groups   bn_group_size=4 over 8 devices == plain BatchNorm run on each group of 4 by itself, averaged
-grad_accum  grad_accum_steps=2 over 8 devices == the two micro-batches one after the other, by hand
+on 8 virtual CPU devices, or on the N >= 2 devices of an accelerator host:
+
+global_bn   the step sharded over N devices == the same step on 1 device (BatchNorm over the global batch)
+bn_groups   bn_group_size=4 over N devices == plain BatchNorm run on each group of 4 by itself, averaged
+grad_accum  grad_accum_steps=2 over N devices == the two micro-batches one after the other, by hand
 
 A check that fails raises (non-zero exit) with the largest difference; each case that passes prints
 `ok CASE`.
@@ -28,7 +30,9 @@ from configs import digits  # noqa: E402
 from resnet_jax import data, parallel, train  # noqa: E402
 from resnet_jax.config_checks import ConfigError  # noqa: E402
 
-STEPS, BATCH = 3, 32
+STEPS = 3
+# Each device's share holds whole BatchNorm groups of 4 and splits into 2 micro-batches.
+BATCH = 32 if 32 % (4 * jax.device_count()) == 0 else 8 * jax.device_count()
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -44,6 +48,7 @@ def make_config(**overrides):
         learning_rate=0.05,
         zero_init_residual=False,  # every BatchNorm scale non-zero: all of them matter from step 1
         activation="tanh",
+        label_smoothing=0.0,  # the references below use the plain cross-entropy
     )
     config.update(overrides)
     return config
@@ -167,9 +172,11 @@ def check(case, state):
         assert_same(
             case, sharded_run(config, jax.devices(), state), reference_run(config, state, per_group, size=4)
         )
+        too_big = 2 * BATCH // jax.device_count()  # a group larger than a device's share
         assert_config_error(
-            make_config(bn_group_size=8),
-            "config.batch_size=32 does not divide over 8 devices x bn_group_size=8",
+            make_config(bn_group_size=too_big),
+            f"config.batch_size={BATCH} does not divide over {jax.device_count()} devices x "
+            f"bn_group_size={too_big}",
         )
     elif case == "grad_accum":
         config = make_config(grad_accum_steps=2)
@@ -178,9 +185,11 @@ def check(case, state):
             sharded_run(config, jax.devices(), state),
             reference_run(config, state, one_after_the_other, k=2),
         )
+        too_many = 2 * BATCH // jax.device_count()  # more micro-batches than a device's share of rows
         assert_config_error(
-            make_config(grad_accum_steps=8),
-            "config.batch_size=32 does not divide over 8 devices x grad_accum_steps=8",
+            make_config(grad_accum_steps=too_many),
+            f"config.batch_size={BATCH} does not divide over {jax.device_count()} devices x "
+            f"grad_accum_steps={too_many}",
         )
     else:
         raise SystemExit(f"unknown case {case!r}")
@@ -188,7 +197,7 @@ def check(case, state):
 
 
 def main(cases):
-    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    assert jax.device_count() >= 2, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     state = initial_state()
     for case in cases:
         check(case, state)

@@ -1,12 +1,13 @@
 """benchmark.py end to end on the CPU, the MFU arithmetic, sweeps, errors and the compilation cache."""
 
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from resnet_jax import benchmark, compile_cache, parallel
+from resnet_jax import benchmark, compile_cache, models, parallel
 from tests.conftest import run_script
 
 REQUIRED_FIELDS = {
@@ -105,17 +106,18 @@ def test_flops_and_mfu_of_a_single_convolution():
             x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
 
-    compiled = (
-        jax.jit(conv)
-        .lower(
-            jax.ShapeDtypeStruct((n, h, w, c_in), jnp.float32),
-            jax.ShapeDtypeStruct((k, k, c_in, c_out), jnp.float32),
-        )
-        .compile()
+    lowered = jax.jit(conv).lower(
+        jax.ShapeDtypeStruct((n, h, w, c_in), jnp.float32),
+        jax.ShapeDtypeStruct((k, k, c_in, c_out), jnp.float32),
     )
     # Each of the n*8*8*c_out outputs takes k*k*c_in multiply-adds, 2 FLOPs each.
     by_hand = 2 * n * (h - k + 1) * (w - k + 1) * c_out * k * k * c_in
-    assert benchmark.compiled_flops(compiled) == by_hand == 55296
+    assert benchmark.step_flops_per_device(lowered, 1) == by_hand == 55296
+    assert benchmark.step_flops_per_device(lowered, 4) == by_hand / 4  # a data-parallel share
+    # GPU and TPU plugins refuse to analyse a lowered program; XLA's CPU cost model counts it then.
+    refusing = mock.Mock(wraps=lowered, _lowering=lowered._lowering)
+    refusing.cost_analysis.side_effect = NotImplementedError("Lowered.cost_analysis not implemented")
+    assert models.xla_flops(refusing) == by_hand
     assert benchmark.mfu(by_hand, 1e-3, 1e9) == pytest.approx(by_hand / 1e-3 / 1e9)
     assert benchmark.mfu(by_hand, 1e-3, None) is None and benchmark.mfu(None, 1e-3, 1e9) is None
 

@@ -19,6 +19,11 @@ from resnet_jax import checkpoint, data, inference, train
 from tests.conftest import ROOT, digits_config, run_script
 
 STEPS = 60
+# Bit-identical runs on a GPU need deterministic kernels (no atomics in reductions or in cuDNN's
+# backward algorithms); the flag is ignored on CPU and TPU. Both runs of a comparison also share the
+# persistent compilation cache (conftest), so they run the same executable with the same autotuned
+# convolution algorithms.
+DETERMINISTIC = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()}
 RUN_FLAGS = [
     "--config",
     "configs/digits.py",
@@ -33,7 +38,7 @@ RUN_FLAGS = [
 def trained_run(tmp_path_factory):
     """An uninterrupted 60-step digits run: the reference for resume, and a checkpoint to evaluate."""
     workdir = tmp_path_factory.mktemp("straight")
-    result = run_script("train.py", "--workdir", str(workdir), *RUN_FLAGS)
+    result = run_script("train.py", "--workdir", str(workdir), *RUN_FLAGS, env=DETERMINISTIC)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -51,9 +56,16 @@ def assert_same_tree(a, b):
 
 
 @pytest.mark.slow
+@pytest.mark.accelerator
 def test_resume_after_sigkill_is_bit_identical(trained_run, tmp_path):
     command = [sys.executable, "train.py", "--workdir", str(tmp_path), *RUN_FLAGS]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **DETERMINISTIC},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = tmp_path / "checkpoints" / "10"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline and process.poll() is None:
@@ -65,7 +77,7 @@ def test_resume_after_sigkill_is_bit_identical(trained_run, tmp_path):
     killed_at = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert killed_at and killed_at[-1] < STEPS
 
-    result = run_script("train.py", "--workdir", str(tmp_path), *RUN_FLAGS)
+    result = run_script("train.py", "--workdir", str(tmp_path), *RUN_FLAGS, env=DETERMINISTIC)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from the checkpoint of step {killed_at[-1]}" in result.stdout
 
@@ -102,8 +114,17 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert checkpoint.Checkpoints(str(tmp_path), read_only=True).steps() == [step]
 
 
+@pytest.mark.accelerator
 def test_evaluate_reproduces_the_final_eval(trained_run):
-    result = run_script("-m", "resnet_jax.evaluate", "--workdir", str(trained_run), "--checkpoint", "latest")
+    result = run_script(
+        "-m",
+        "resnet_jax.evaluate",
+        "--workdir",
+        str(trained_run),
+        "--checkpoint",
+        "latest",
+        env=DETERMINISTIC,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads((trained_run / f"eval_step{STEPS}.json").read_text())
     expected = final_eval(trained_run)
@@ -113,6 +134,7 @@ def test_evaluate_reproduces_the_final_eval(trained_run):
     assert f"top-1 {expected['eval_accuracy']:.2%}" in result.stdout
 
 
+@pytest.mark.accelerator
 def test_predict_on_image_files_matches_the_final_eval(trained_run, tmp_path):
     eval_split = data.load_digits(8).eval_source
     paths = []
@@ -121,7 +143,15 @@ def test_predict_on_image_files_matches_the_final_eval(trained_run, tmp_path):
         Image.fromarray(eval_split.images[i][..., 0]).save(path)
         paths.append(str(path))
     result = run_script(
-        "-m", "resnet_jax.predict", "--workdir", str(trained_run), "--json", "--top_k", "3", *paths
+        "-m",
+        "resnet_jax.predict",
+        "--workdir",
+        str(trained_run),
+        "--json",
+        "--top_k",
+        "3",
+        *paths,
+        env=DETERMINISTIC,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads(result.stdout)

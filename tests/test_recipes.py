@@ -144,6 +144,7 @@ def run_steps(dtype, setup, steps=6):
     return state, np.array(losses), collected
 
 
+@pytest.mark.accelerator
 def test_bfloat16_and_float16_steps_track_float32(tiny_setup):
     _, reference, _ = run_steps("float32", tiny_setup)
     for dtype, tolerance in (("bfloat16", 0.05), ("float16", 0.01)):
@@ -156,6 +157,7 @@ def test_bfloat16_and_float16_steps_track_float32(tiny_setup):
     assert sum(int(c["nonfinite_steps"]) for c in collected) == 0
 
 
+@pytest.mark.accelerator
 def test_float16_loss_scaling_skips_overflows_and_recovers(tiny_setup):
     """Start at a scale that overflows float16's gradients (max 65504): those steps are skipped
     (params unchanged) and the scale halves until the steps go through and the loss falls."""

@@ -12,7 +12,9 @@ from tests.conftest import digits_config
 
 @pytest.fixture(scope="module")
 def trainer():
-    config = digits_config(batch_size=32, num_train_steps=30, warmup_epochs=0.0, lr_schedule="constant")
+    config = digits_config(
+        batch_size=32, num_train_steps=30, warmup_epochs=0.0, lr_schedule="constant", label_smoothing=0.0
+    )
     return train.Trainer(config, data.load(config), parallel.create_mesh())
 
 

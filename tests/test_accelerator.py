@@ -1,0 +1,187 @@
+"""What must hold on any backend. CI runs these on the CPU with the rest of the suite; the
+accelerator check (`benchmarks/accelerator/check.py`) runs every test marked `accelerator` on the
+device of the host it runs on (`pytest -m accelerator`).
+
+The other `accelerator` tests live beside what they test: the bit-identical resume after SIGKILL
+and checkpoint -> evaluate -> predict in test_checkpoint.py, the bfloat16/float16 steps and float16
+loss scaling in test_recipes.py, the sharded step against one device in test_parallel.py. The
+accelerator check itself, in smoke mode, is tested here too.
+"""
+
+import contextlib
+import functools
+import importlib.util
+import json
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import models, train
+from tests.conftest import ROOT, fixed_digits_batch, run_script
+
+
+@pytest.mark.slow
+@pytest.mark.accelerator
+def test_the_digits_quick_start_reaches_99_percent_on_the_default_device(tmp_path):
+    """The README's first command, as a user runs it, on whatever device JAX picks."""
+    result = run_script("train.py", "--config", "configs/digits.py", "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"({jax.devices()[0].device_kind})" in result.stdout  # it ran where we think it ran
+    final = re.search(r"final eval at step 660: accuracy [\d.]+% \((\d+)/360\)", result.stdout)
+    assert final, result.stdout[-2000:]
+    assert int(final.group(1)) / 360 >= 0.99, final.group(0)
+
+
+def relative_error(x, reference):
+    x, reference = np.asarray(x, np.float64), np.asarray(reference, np.float64)
+    return float(np.linalg.norm(x - reference) / np.linalg.norm(reference))
+
+
+@pytest.mark.accelerator
+def test_bfloat16_logits_and_loss_track_float32():
+    """ResNet-20 in inference mode on real digits, against float32 at 'highest' precision.
+
+    float32 at the default precision may use TF32 (NVIDIA) or bfloat16 passes (TPU) for
+    convolutions, so it gets its own, looser-than-float32 bound; bfloat16 compute gets ~1e-2.
+    """
+    info, batch = fixed_digits_batch(size=64, image_size=12)
+    images = train.normalize(batch["image"], info.mean, info.std)
+    reference_model = models.create("resnet20", info.num_classes, zero_init_residual=False)
+    variables = jax.jit(functools.partial(reference_model.init, train=False))(jax.random.key(0), images[:1])
+    # Running statistics of real activations rather than init's zeros and ones.
+    _, updates = jax.jit(functools.partial(reference_model.apply, train=True, mutable=["batch_stats"]))(
+        variables, images
+    )
+    variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+
+    def logits_and_loss(dtype, precision=None):
+        model = models.create("resnet20", info.num_classes, dtype=dtype, zero_init_residual=False)
+        context = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+        with context:
+            logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
+        assert logits.dtype == np.float32  # the head's output is float32 whatever the compute dtype
+        return logits, train.cross_entropy(logits, batch["label"]).mean()
+
+    exact_logits, exact_loss = logits_and_loss("float32", "highest")
+    assert np.isfinite(exact_logits).all() and float(np.abs(exact_logits).max()) > 0.1
+    for dtype, bound in (("float32", 5e-3), ("bfloat16", 5e-2)):
+        logits, loss = logits_and_loss(dtype)
+        assert relative_error(logits, exact_logits) < bound, dtype
+        assert abs(float(loss) - float(exact_loss)) / float(exact_loss) < bound, dtype
+        agreement = float((np.argmax(logits, -1) == np.argmax(exact_logits, -1)).mean())
+        assert agreement >= 0.9, (dtype, agreement)
+
+
+@pytest.mark.slow
+def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
+    """`check.py --smoke` end to end (CI runs it so that the check never rots): every part runs or
+    says why not, and check.json and check.md hold the figures."""
+    out = tmp_path / "check"
+    result = run_script("benchmarks/accelerator/check.py", "--out", str(out), "--smoke", "--budget_s", "400")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "check.json").read_text())
+    parts = {p["name"]: p for p in report["parts"]}
+    assert list(parts) == ["environment", "tests", "resnet50_bf16", "torch", "resnet50_eval"]
+    assert report["environment"]["platform"] == jax.devices()[0].platform
+    assert "jax" in report["environment"]["versions"] and "flax" in report["environment"]["versions"]
+    assert parts["tests"]["status"] == "ok" and report["tests"]["failed"] == 0
+    assert report["tests"]["passed"] >= 4  # the fast accelerator tests, collected from several modules
+    assert {r["mode"] for r in report["benchmark"]} == {"train", "eval"}
+    for row in report["benchmark"]:
+        assert row["images_per_sec"] > 0 and row["compile_seconds"] > 0 and row["compiled_memory_bytes"] > 0
+    torch_part = parts["torch"]
+    if torch_part["status"] == "skipped":
+        assert "not installed" in torch_part["detail"] and report["torch"] == []
+    else:
+        assert torch_part["status"] == "ok" and report["torch"][0]["images_per_sec"] > 0
+    markdown = (out / "check.md").read_text()
+    assert "## Speed (benchmark.py)" in markdown and "## Correctness" in markdown
+    assert (out / "check.log").stat().st_size > 0
+
+
+def test_a_budget_too_small_skips_parts_and_says_why(tmp_path):
+    out = tmp_path / "check"
+    result = run_script(
+        "benchmarks/accelerator/check.py",
+        "--out",
+        str(out),
+        "--smoke",
+        "--budget_s",
+        "10",
+        "--only",
+        "environment,tests",
+    )
+    report = json.loads((out / "check.json").read_text())
+    parts = {p["name"]: p for p in report["parts"]}
+    assert parts["tests"]["status"] == "skipped", result.stdout[-2000:]
+    assert "needs at least" in parts["tests"]["detail"] and "of the budget left" in parts["tests"]["detail"]
+    assert result.returncode == (0 if parts["environment"]["status"] == "ok" else 1)
+
+
+def load_kit_module(name):
+    """A script of benchmarks/accelerator/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "accelerator" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_check_lists_only_modules_with_accelerator_tests():
+    files = load_kit_module("check").accelerator_test_files()
+    assert {"tests/test_accelerator.py", "tests/test_checkpoint.py", "tests/test_recipes.py"} <= set(files)
+    assert "tests/test_notebooks.py" not in files  # needs Jupyter, which an accelerator host may lack
+
+
+def test_the_wheel_pins_satisfy_the_projects_requirements_and_cover_the_missing_packages():
+    """wheels.txt must not rot: each of the project's dependencies that a GPU host lacks is pinned,
+    at a version that pyproject.toml accepts."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    wheels = load_kit_module("wheels")
+    pins = {canonicalize_name(p.name): p for p in wheels.read_pins()}
+    assert len(pins) == len(wheels.read_pins()) == 16
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    carried = {"grain", "clu", "ml-collections", "tensorflow-datasets", "tensorboardx"}
+    for requirement in map(Requirement, requirements):
+        name = canonicalize_name(requirement.name)
+        if name in carried:
+            assert requirement.specifier.contains(pins[name].version), (requirement, pins[name])
+    assert carried <= set(pins)
+    assert [p.name for p in pins.values() if p.build] == ["promise"]
+
+
+def test_wheel_download_and_install_commands_and_a_missing_wheel(tmp_path, capsys):
+    wheels = load_kit_module("wheels")
+    pins = wheels.read_pins()
+    wheels.download(pins, tmp_path / "w", "3.12", dry_run=True)
+    download, build = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert "--no-deps --only-binary=:all: --python-version 3.12" in download and "--abi cp312" in download
+    assert "grain==0.2.18" in download and "promise" not in download
+    assert build.endswith("wheel --no-deps -w " + str(tmp_path / "w") + " promise==2.3")
+
+    for pin in pins[1:]:  # every wheel but grain's
+        (tmp_path / f"{pin.wheel_prefix()}py3-none-any.whl").write_bytes(b"")
+    with pytest.raises(wheels.WheelsError, match=r"lacks the wheels of grain==0\.2\.18: run"):
+        wheels.install(pins, tmp_path, target=None, dry_run=True)
+    (tmp_path / "grain-0.2.18-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    wheels.install(pins, tmp_path, target=str(tmp_path / "site"), dry_run=True)
+    command = capsys.readouterr().out.splitlines()[0]
+    assert "--no-index --no-deps" in command and f"--target {tmp_path / 'site'}" in command
+    assert command.count(".whl") == 16
+
+
+def test_tune_variants_parse_with_their_flags_and_batch():
+    tune = load_kit_module("tune")
+    assert tune.parse_variant("big=@512") == tune.Variant("big", "", 512)
+    flags = "--xla_gpu_enable_command_buffer="
+    assert tune.parse_variant(f"off={flags}") == tune.Variant("off", flags, None)
+    for bad in ("nothing", "=@5", "x=@0", "x=@many"):
+        with pytest.raises(ValueError, match="expected NAME=XLA_FLAGS"):
+            tune.parse_variant(bad)
