@@ -3,10 +3,11 @@
 A fixed, short budget (`--epochs`, default 10) of the quick-start config (`configs/digits.py`:
 CIFAR ResNet-20 at 12x12, batch 64, cosine decay after one warmup epoch), one run per optimizer
 through `train_and_evaluate`, with `learning_rate` and `weight_decay` left unset so that each
-optimizer takes its defaults (`resnet_jax.optim.DEFAULT_LEARNING_RATES` / `DEFAULT_WEIGHT_DECAYS`).
-Prints a Markdown table of the final test accuracy and writes `--json`.
+optimizer takes its defaults (`resnet_jax.optim.DEFAULT_LEARNING_RATES` / `DEFAULT_WEIGHT_DECAYS`),
+and without the recipe's label smoothing unless `--label_smoothing` says otherwise, so that the
+losses are plain cross-entropies. Prints a Markdown table of the final test accuracy and writes `--json`.
 
-    python benchmarks/optimizers.py [--epochs 10] [--optimizers sgd,adam] [--json FILE]
+    python benchmarks/optimizers.py [--epochs 10] [--optimizers sgd,adam] [--label_smoothing 0] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from configs import digits  # noqa: E402
 from resnet_jax import optim, train  # noqa: E402
 
 
-def run(name: str, epochs: float, seed: int) -> dict:
+def run(name: str, epochs: float, seed: int, label_smoothing: float = 0.0) -> dict:
     config = digits.get_config()
     config.optimizer, config.num_epochs, config.seed = name, epochs, seed
+    config.label_smoothing = label_smoothing
     config.learning_rate = config.weight_decay = None
     config.eval_every_steps, config.eval_images = 10**9, 0  # evaluate once, at the end
     start = time.perf_counter()
@@ -58,13 +60,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--optimizers", default=",".join(optim.OPTIMIZERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label_smoothing", type=float, default=0.0)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     rows = []
     print("| optimizer | lr | weight decay | final train loss | test loss | test accuracy | wall s |")
     print("|---|---|---|---|---|---|---|")
     for name in args.optimizers.split(","):
-        row = run(name, args.epochs, args.seed)
+        row = run(name, args.epochs, args.seed, args.label_smoothing)
         rows.append(row)
         print(
             f"| {name} | {row['learning_rate']:g} | {row['weight_decay']:g} ({row['weight_decay_mode']}) "
