@@ -21,13 +21,16 @@ def runs_on_cpu() -> bool:
     return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
 
 
+def xla_flags_with(*flags: str) -> str:
+    """This process's XLA_FLAGS with `flags` appended (subprocess environments start from it)."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 # On the CPU the suite is dominated by XLA compiling small programs that then run a few steps:
 # compile fast rather than optimise (about 20 % less CPU here). Subprocesses inherit it unless they
 # set their own. On an accelerator host (the accelerator check) the backend keeps its defaults.
 if runs_on_cpu():
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+    os.environ["XLA_FLAGS"] = xla_flags_with("--xla_backend_optimization_level=0")
 
 
 def digits_config(**overrides):

@@ -16,14 +16,14 @@ import pytest
 from PIL import Image
 
 from resnet_jax import checkpoint, data, inference, train
-from tests.conftest import ROOT, digits_config, run_script
+from tests.conftest import ROOT, digits_config, run_script, xla_flags_with
 
 STEPS = 60
 # Bit-identical runs on a GPU need deterministic kernels (no atomics in reductions or in cuDNN's
 # backward algorithms); the flag is ignored on CPU and TPU. Both runs of a comparison also share the
 # persistent compilation cache (conftest), so they run the same executable with the same autotuned
 # convolution algorithms.
-DETERMINISTIC = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()}
+DETERMINISTIC = {"XLA_FLAGS": xla_flags_with("--xla_gpu_deterministic_ops=true")}
 RUN_FLAGS = [
     "--config",
     "configs/digits.py",

@@ -198,14 +198,30 @@ def log(message: str) -> None:
     print(f"[check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def with_xla_flags(env: dict[str, str], *flags: str) -> dict[str, str]:
+    """`env` with `flags` appended to its XLA_FLAGS (empty ones left out)."""
+    return {**env, "XLA_FLAGS": " ".join(filter(None, [env.get("XLA_FLAGS", ""), *flags]))}
+
+
 def child_environment(smoke: bool) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     if smoke:
         # The smoke check compiles small programs for a few steps: compile fast, like the test suite.
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+        env = with_xla_flags(env, "--xla_backend_optimization_level=0")
     return env
+
+
+def benchmark_command(args: list[str] | tuple[str, ...], json_path: Path) -> list[str]:
+    """`benchmark.py` with `args`, its rows to `json_path`, compiling rather than loading the steps."""
+    return [
+        sys.executable,
+        str(ROOT / "benchmark.py"),
+        *args,
+        f"--json={json_path}",
+        "--compilation_cache_dir=",  # measure compilation, never load it
+    ]
 
 
 def run_process(command: list[str], timeout: float, log_file: Any, env: dict[str, str]) -> tuple[str, float]:
@@ -453,14 +469,7 @@ class Check:
     def run_benchmark(self, part: Part, allowed: float) -> tuple[str, float, str]:
         path = self.parts_dir / f"{part.name}.json"
         path.unlink(missing_ok=True)
-        command = [
-            sys.executable,
-            str(ROOT / "benchmark.py"),
-            *part.args,
-            f"--json={path}",
-            "--compilation_cache_dir=",  # measure compilation, never load it
-            f"--time_budget_s={max(1.0, allowed - 15):.0f}",
-        ]
+        command = [*benchmark_command(part.args, path), f"--time_budget_s={max(1.0, allowed - 15):.0f}"]
         status, seconds = run_process(command, allowed, self.log_file, self.env)
         rows = json.loads(path.read_text()) if path.exists() else []
         for row in rows:
