@@ -20,7 +20,6 @@ import functools
 import itertools
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,31 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import data, models, parallel, train
+from resnet_jax import data, models, parallel, targets, train
 from resnet_jax.config_checks import ConfigError, check_config
 
 MODES = ("train", "eval")
 DEVICE_DATA = "device"  # the `data` value of rows whose batches were made on the devices
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring event of a persistent-cache hit
-
-# Dense (no sparsity) peak FLOP/s per device, by compute dtype. float32 on NVIDIA Ampere and newer
-# is the TF32 tensor-core rate (XLA's default precision lets cuDNN/cuBLAS use TF32); on TPU,
-# float32 matmuls at default precision run as single bfloat16 passes. V100 has no bfloat16 units and
-# TPUs no float16 ones: those stay unknown. The first pattern that matches the device kind wins.
-_NVIDIA_HOPPER_SXM = {"bfloat16": 989.4e12, "float16": 989.4e12, "float32": 494.7e12}
-PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    (r"NVIDIA H100 (80GB HBM3|SXM)", _NVIDIA_HOPPER_SXM),
-    (r"NVIDIA H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12}),
-    (r"NVIDIA H200( SXM.*)?$", _NVIDIA_HOPPER_SXM),
-    (r"NVIDIA A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
-    (r"V100-SXM2", {"float16": 125e12, "float32": 15.7e12}),
-    (r"V100-PCIE", {"float16": 112e12, "float32": 14e12}),
-    (r"NVIDIA L4$", {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
-    (r"TPU v4$", {"bfloat16": 275e12, "float32": 275e12}),
-    (r"TPU v5 ?(lite|e)$", {"bfloat16": 197e12, "float32": 197e12}),
-    (r"TPU v5p?$", {"bfloat16": 459e12, "float32": 459e12}),
-    (r"TPU v6 ?(lite|e)$", {"bfloat16": 918e12, "float32": 918e12}),
-]
 
 
 class BenchmarkError(ValueError):
@@ -74,7 +54,7 @@ class Options:
     steps: int = 50
     warmup_steps: int = 5
     mode: str = "train"
-    peak_tflops: float | None = None  # per device; overrides the PEAK_FLOPS table
+    peak_tflops: float | None = None  # per device; overrides targets.ACCELERATORS
     data: str | None = None  # None: batches made on the devices; else a dataset spec
     seed: int = 0
     # Seconds for the whole sweep: a configuration that would likely end past them is skipped (and
@@ -199,11 +179,9 @@ def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
 
 
 def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
-    """Advertised dense peak FLOP/s of one device for `dtype`; None when not in the table."""
-    for pattern, peaks in PEAK_FLOPS:
-        if re.search(pattern, device_kind):
-            return peaks.get(dtype)
-    return None
+    """Advertised dense peak FLOP/s of one device for `dtype` (`targets.ACCELERATORS`); None if unknown."""
+    accelerator = targets.accelerator_for_kind(device_kind)
+    return accelerator.peak_flops.get(dtype) if accelerator else None
 
 
 def step_flops_per_device(lowered: jax.stages.Lowered, num_devices: int) -> float | None:

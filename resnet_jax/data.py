@@ -101,6 +101,7 @@ def load_digits(image_size: int, augment_style: str = "auto") -> Dataset:
 
 # ImageNet-sized epochs so that epoch-based schedules look like the real run.
 SYNTHETIC_SIZES = {"classes": 1000, "train": 1_281_167, "eval": 10_000}
+SYNTHETIC_STATS = ((127.5,) * 3, (73.9,) * 3)  # uniform on 0..255
 
 
 def load_synthetic(image_size: int) -> Dataset:
@@ -113,7 +114,7 @@ def load_synthetic(image_size: int) -> Dataset:
         class_names=tuple(f"class_{i}" for i in range(classes)),
         channels=3,
         source_size=image_size,
-        stats=((127.5,) * 3, (73.9,) * 3),  # uniform on 0..255
+        stats=SYNTHETIC_STATS,
     )
     return assemble(found, image_size, "none")
 

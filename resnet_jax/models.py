@@ -320,6 +320,23 @@ def count_params(module: nn.Module, image_size: int, channels: int = 3) -> int:
     return sum(x.size for x in jax.tree.leaves(shapes["params"]))
 
 
+def cost_analysis(stage: jax.stages.Lowered | jax.stages.Compiled) -> dict[str, float]:
+    """XLA's cost analysis as one dict ({} where the backend has none).
+
+    A lowered program on a plugin backend (GPU, TPU, compile-only devices) is counted by the CPU's
+    cost model (`cpu_cost_analysis`): the count of an unoptimised program does not depend on who counts.
+    """
+    try:
+        analysis = stage.cost_analysis()
+    except Exception:  # noqa: BLE001 - plugin backends refuse lowered programs; others have no model
+        analysis = None
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per executable
+        analysis = analysis[0] if analysis else None
+    if not analysis and not isinstance(stage, jax.stages.Compiled):
+        analysis = cpu_cost_analysis(stage)
+    return dict(analysis or {})
+
+
 def xla_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     """XLA's FLOP count of a lowered or compiled program; None where no cost model answers.
 
@@ -327,15 +344,7 @@ def xla_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     before backend rewrites, and a GPU backend's compiled cost analysis leaves out the convolutions,
     which it hands to cuDNN as custom calls.
     """
-    try:
-        analysis = stage.cost_analysis()
-    except NotImplementedError:  # a lowered program on a plugin backend (GPU, TPU)
-        analysis = cpu_cost_analysis(stage)
-    except Exception:  # noqa: BLE001 - backends without a cost model
-        return None
-    if isinstance(analysis, list | tuple):  # older JAX: one dict per executable
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
+    flops = cost_analysis(stage).get("flops")
     return float(flops) if flops and flops > 0 else None
 
 

@@ -34,29 +34,44 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(
     key: str, global_batch_size: int, mesh: Mesh, *, grad_accum_steps: int = 1, bn_group_size: int = 0
 ) -> int:
-    """The per-process share of a global batch; raise unless it splits evenly.
+    """The per-process share of a global batch; raise unless it splits evenly (`batch_size_error`)."""
+    if mesh.devices.size < 1:
+        raise ValueError("the device mesh is empty: no JAX devices to train on")
+    error = batch_size_error(
+        key,
+        global_batch_size,
+        mesh.devices.size,
+        grad_accum_steps=grad_accum_steps,
+        bn_group_size=bn_group_size,
+    )
+    if error:
+        raise ValueError(error)
+    return global_batch_size // jax.process_count()
+
+
+def batch_size_error(
+    key: str, global_batch_size: int, num_devices: int, *, grad_accum_steps: int = 1, bn_group_size: int = 0
+) -> str | None:
+    """Why a global batch cannot be split over `num_devices` (None when it can).
 
     Every device gets the same share of each of the `grad_accum_steps` micro-batches, and with
     `bn_group_size` k > 0 that share must hold whole BatchNorm groups of k examples.
     """
-    num_devices = mesh.devices.size
-    if num_devices < 1:
-        raise ValueError("the device mesh is empty: no JAX devices to train on")
     if global_batch_size < 1:
-        raise ValueError(f"{key}={global_batch_size} must be a positive integer")
+        return f"{key}={global_batch_size} must be a positive integer"
     unit = num_devices * grad_accum_steps * max(bn_group_size, 1)
-    if global_batch_size % unit:
-        over = f"{num_devices} device{'s' if num_devices > 1 else ''}"
-        if grad_accum_steps > 1:
-            over += f" x grad_accum_steps={grad_accum_steps} micro-batches"
-        if bn_group_size:
-            over += f" x bn_group_size={bn_group_size} examples per BatchNorm group"
-        lower = global_batch_size // unit * unit or unit
-        raise ValueError(
-            f"{key}={global_batch_size} does not divide over {over}; "
-            f"use a multiple of {unit} (e.g. {lower} or {lower + unit})"
-        )
-    return global_batch_size // jax.process_count()
+    if global_batch_size % unit == 0:
+        return None
+    over = f"{num_devices} device{'s' if num_devices > 1 else ''}"
+    if grad_accum_steps > 1:
+        over += f" x grad_accum_steps={grad_accum_steps} micro-batches"
+    if bn_group_size:
+        over += f" x bn_group_size={bn_group_size} examples per BatchNorm group"
+    lower = global_batch_size // unit * unit or unit
+    return (
+        f"{key}={global_batch_size} does not divide over {over}; "
+        f"use a multiple of {unit} (e.g. {lower} or {lower + unit})"
+    )
 
 
 def to_global(

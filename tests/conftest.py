@@ -13,12 +13,23 @@ sys.path.insert(0, str(ROOT))  # so that `configs` imports like it does for trai
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
 
 
+# Device nodes of NVIDIA GPUs, TPUs (v2-v3: accel, v4 and later: vfio) and AMD GPUs.
+ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
+
+
 def runs_on_cpu() -> bool:
     """Whether JAX will pick the CPU, known without starting JAX (which would fix its flags)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0] == "cpu"
     return not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS)
+
+
+# The preflight extra installs libtpu and the CUDA plugin. Without the hardware they would start,
+# fail and print a traceback in every test process: on a machine without an accelerator, the suite
+# (and its subprocesses) runs on the CPU.
+if not os.environ.get("JAX_PLATFORMS") and not any(os.path.exists(p) for p in ACCELERATOR_DEVICES):
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def xla_flags_with(*flags: str) -> str:

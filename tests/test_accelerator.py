@@ -84,7 +84,13 @@ def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "check.json").read_text())
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == ["environment", "tests", "resnet50_bf16", "torch", "resnet50_eval"]
+    assert list(parts) == ["environment", "tests", "resnet50_bf16", "torch", "preflight", "resnet50_eval"]
+    if jax.devices()[0].platform == "cpu":
+        assert parts["preflight"] == {
+            **parts["preflight"],
+            "status": "skipped",
+            "detail": "no preflight target for cpu",
+        }
     assert report["environment"]["platform"] == jax.devices()[0].platform
     assert "jax" in report["environment"]["versions"] and "flax" in report["environment"]["versions"]
     assert parts["tests"]["status"] == "ok" and report["tests"]["failed"] == 0
@@ -119,6 +125,29 @@ def test_a_budget_too_small_skips_parts_and_says_why(tmp_path):
     assert parts["tests"]["status"] == "skipped", result.stdout[-2000:]
     assert "needs at least" in parts["tests"]["detail"] and "of the budget left" in parts["tests"]["detail"]
     assert result.returncode == (0 if parts["environment"]["status"] == "ok" else 1)
+
+
+@pytest.mark.skipif(
+    not importlib.util.find_spec("jax_plugins.xla_cuda12"), reason="needs the preflight extra (CUDA plugin)"
+)
+def test_the_check_compares_the_preflight_with_the_device(tmp_path):
+    """On an H200 the check compiles the headline row for `h200x1` on the CPU and puts the prediction
+    next to what the device planned and peaked at (here: the device's figures are made up)."""
+    from pathlib import Path
+
+    check = load_kit_module("check")
+    plan = [p for p in check.smoke_plan() if p.name == "preflight"]
+    runner = check.Check(Path(tmp_path), 300, True, plan)
+    runner.result["environment"] = {"device_kind": "NVIDIA H200"}
+    runner.result["benchmark"] = [
+        {"batch_size": 4, "mode": "train", "compiled_memory_bytes": 2**27, "peak_memory_bytes": 2**28}
+    ]
+    status, _, detail = runner.run_preflight(plan[0], 300)
+    assert status == "ok", detail
+    row = runner.result["preflight"]
+    assert row["target"] == "h200x1" and row["verdict"] == "fits" and row["bytes_per_device"] > 0
+    assert detail.startswith("h200x1: fits, ") and "XLA planned 0.12 GiB, peak 0.25 GiB" in detail
+    assert "## Preflight against the device" in check.markdown({**runner.result, "environment": None})
 
 
 def load_kit_module(name):

@@ -13,7 +13,9 @@ the rest down, and JAX and PyTorch never share a device's memory):
    and float32 at 128, the eval step, and ResNet-18 / CIFAR ResNet-56 at 32 px;
 4. torchvision's ResNet-50 train step at the same batch (eager and `torch.compile`) when torch
    and torchvision import, and the ratio of our images/s to each;
-5. XLA's compile-time memory figure of each row (what a preflight predicts) against the measured peak.
+5. XLA's compile-time memory figure of each row against the measured peak, and the deviceless
+   preflight (`python -m resnet_jax.preflight`) of the headline row for this GPU's target,
+   compiled on this host's CPU as a user without the GPU would: its prediction against both.
 
 The budget is for the whole check. The parts come in order of importance; each gets what is left
 minus the minimum the later parts need (but never less than its own minimum), a part whose minimum
@@ -77,7 +79,7 @@ class Part:
     title: str
     minimum_s: float
     cap_s: float
-    kind: str  # environment | tests | benchmark | torch
+    kind: str  # environment | tests | benchmark | torch | preflight
     args: tuple[str, ...] = ()
 
 
@@ -102,6 +104,14 @@ def full_plan(headline_batch: int = 256) -> list[Part]:
             200,
             "torch",
             (f"--batch_size={headline_batch}", "--image_size=224", "--modes=eager,compile", "--steps=30"),
+        ),
+        Part(
+            "preflight",
+            f"Preflight of the headline row for this GPU, compiled on the CPU (batch {headline_batch})",
+            30,
+            150,
+            "preflight",
+            preflight_args("resnet50", 224, headline_batch),
         ),
         Part(
             "resnet50_sweep",
@@ -181,6 +191,14 @@ def smoke_plan() -> list[Part]:
             ),
         ),
         Part(
+            "preflight",
+            "Preflight of the ResNet-20 row for this GPU (smoke)",
+            5,
+            120,
+            "preflight",
+            preflight_args("resnet20", 8, 4),
+        ),
+        Part(
             "resnet50_eval",
             "ResNet-20 eval at 8 px (smoke)",
             5,
@@ -189,6 +207,18 @@ def smoke_plan() -> list[Part]:
             (*tiny, "--mode=eval", "--dtype=float32"),
         ),
     ]
+
+
+def preflight_args(model: str, image_size: int, batch_size: int) -> tuple[str, ...]:
+    """The preflight of a benchmark row: benchmark.py's config (configs/default.py, synthetic data)."""
+    return (
+        f"--config={ROOT / 'configs' / 'default.py'}",
+        f"--config.model={model}",
+        f"--config.image_size={image_size}",
+        f"--config.batch_size={batch_size}",
+        "--config.dtype=bfloat16",
+        "--config.dataset=synthetic",
+    )
 
 
 # ---------------------------------------------------------------- running parts
@@ -383,6 +413,7 @@ class Check:
             "tests": None,
             "benchmark": [],
             "torch": [],
+            "preflight": None,
         }
         self.log_file = open(out / "check.log", "a")  # noqa: SIM115 - open for the whole check
 
@@ -495,6 +526,57 @@ class Check:
                 f"{len(rows)} mode(s) measured; the rest did not fit its share of the budget",
             )
         return status, seconds, f"{len(rows)} mode(s)"
+
+    def run_preflight(self, part: Part, allowed: float) -> tuple[str, float, str]:
+        """Compile the row for this GPU's one-device target on the CPU, then compare with the device."""
+        sys.path.insert(0, str(ROOT))
+        from resnet_jax import targets
+
+        kind = (self.result["environment"] or {}).get("device_kind", "")
+        accelerator = targets.accelerator_for_kind(kind)
+        name = next(
+            (t.name for t in targets.TARGETS.values() if t.accelerator == accelerator and t.devices == 1),
+            None,
+        )
+        if name is None:
+            return "skipped", 0.0, f"no preflight target for {kind or 'an unknown device'}"
+        path = self.parts_dir / "preflight.json"
+        path.unlink(missing_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "resnet_jax.preflight",
+            *part.args,
+            f"--target={name}",
+            f"--json={path}",
+        ]
+        status, seconds = run_process(command, allowed, self.log_file, self.env)
+        if not path.exists():
+            return status, seconds, "no preflight report; see check.log"
+        row = json.loads(path.read_text())["targets"][0]
+        batch = int(next(a for a in part.args if a.startswith("--config.batch_size=")).split("=")[1])
+        measured = next(
+            (
+                r
+                for r in self.result["benchmark"]
+                if r.get("batch_size") == batch and r.get("mode") == "train"
+            ),
+            {},
+        )
+        row["device_compiled_memory_bytes"] = measured.get("compiled_memory_bytes")
+        row["device_peak_memory_bytes"] = measured.get("peak_memory_bytes")
+        self.result["preflight"] = row
+        status = "ok" if status == "failed (exit 1)" and row["verdict"] != "does not compile" else status
+        return status, seconds, preflight_summary(row)
+
+
+def preflight_summary(row: dict[str, Any]) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB" if n else "-"  # noqa: E731
+    return (
+        f"{row['target']}: {row['verdict']}, {gib(row['bytes_per_device'])} predicted on the CPU; on this "
+        f"device XLA planned {gib(row['device_compiled_memory_bytes'])}, peak "
+        f"{gib(row['device_peak_memory_bytes'])}"
+    )
 
 
 # ---------------------------------------------------------------- the report
@@ -643,6 +725,8 @@ def markdown(result: dict[str, Any]) -> str:
             "analysis (arguments + outputs + temporaries - donated), the figure a deviceless preflight "
             "reports.",
         ]
+    if result.get("preflight"):
+        lines += ["", "## Preflight against the device", "", "- " + preflight_summary(result["preflight"])]
     if result["torch"]:
         lines += ["", "## PyTorch on the same device", ""]
         lines += columns_table(TORCH_COLUMNS, result["torch"])
