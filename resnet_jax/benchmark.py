@@ -32,6 +32,7 @@ import numpy as np
 
 from resnet_jax import data, models, parallel, targets, train
 from resnet_jax.config_checks import ConfigError, check_config
+from resnet_jax.errors import check_choice
 
 MODES = ("train", "eval")
 DEVICE_DATA = "device"  # the `data` value of rows whose batches were made on the devices
@@ -121,10 +122,10 @@ def check_options(options: Options, mesh: jax.sharding.Mesh) -> None:
         raise BenchmarkError(f"--time_budget_s={options.time_budget_s} must be a positive number")
     try:
         for name in options.models:
-            models.check_choice("--model", name, models.names())
+            check_choice("--model", name, models.names())
         for dtype in options.dtypes:
-            models.check_choice("--dtype", dtype, tuple(models.DTYPES))
-        models.check_choice("--mode", options.mode, MODES)
+            check_choice("--dtype", dtype, tuple(models.DTYPES))
+        check_choice("--mode", options.mode, MODES)
         if options.data is not None:
             data.parse_spec(options.data)
         for batch_size in global_batch_sizes(options, mesh.devices.size):

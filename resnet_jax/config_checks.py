@@ -7,11 +7,7 @@ import tempfile
 from typing import Any
 
 from resnet_jax import augment, data, models, optim, progress
-
-
-class ConfigError(ValueError):
-    """A config value or workdir that cannot work; the message names the key, value and choices."""
-
+from resnet_jax.errors import ConfigError, check_choice
 
 # key, low (inclusive), high (exclusive); None values (the optimizer's defaults) are not checked.
 RANGES = (
@@ -53,21 +49,21 @@ def check_workdir(workdir: str) -> None:
 def check_config(config: Any, workdir: str | None = None) -> None:
     """Raise `ConfigError` for the first bad value of `config` (and the workdir, if given)."""
     try:
-        models.check_choice("config.model", config.model, models.names())
-        models.check_choice("config.dtype", config.dtype, tuple(models.DTYPES))
-        models.check_choice("config.activation", config.get("activation", "relu"), tuple(models.ACTIVATIONS))
-        models.check_choice("config.optimizer", config.optimizer, optim.OPTIMIZERS)
-        models.check_choice("config.lr_schedule", config.lr_schedule, optim.SCHEDULES)
-        models.check_choice(
+        check_choice("config.model", config.model, models.names())
+        check_choice("config.dtype", config.dtype, tuple(models.DTYPES))
+        check_choice("config.activation", config.get("activation", "relu"), tuple(models.ACTIVATIONS))
+        check_choice("config.optimizer", config.optimizer, optim.OPTIMIZERS)
+        check_choice("config.lr_schedule", config.lr_schedule, optim.SCHEDULES)
+        check_choice(
             "config.weight_decay_mode", config.get("weight_decay_mode", "auto"), optim.WEIGHT_DECAY_MODES
         )
-        models.check_choice(
+        check_choice(
             "config.weight_decay_mask", config.get("weight_decay_mask", "kernels"), optim.WEIGHT_DECAY_MASKS
         )
-        models.check_choice("config.warmup_style", config.get("warmup_style", "linear"), optim.WARMUP_STYLES)
+        check_choice("config.warmup_style", config.get("warmup_style", "linear"), optim.WARMUP_STYLES)
         optim.weight_decay_mode(config)  # adamw with coupled decay is a contradiction
-        models.check_choice("config.augment", config.get("augment", "auto"), augment.AUGMENTATIONS)
-        models.check_choice("config.progress", config.get("progress", "auto"), progress.PROGRESS_MODES)
+        check_choice("config.augment", config.get("augment", "auto"), augment.AUGMENTATIONS)
+        check_choice("config.progress", config.get("progress", "auto"), progress.PROGRESS_MODES)
         progress.parse_profile_steps(config.get("profile_steps", ""))
         try:
             data.parse_spec(config.dataset)

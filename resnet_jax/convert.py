@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from resnet_jax import checkpoint, data, models, weights
+from resnet_jax.errors import check_choice
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 IMAGENET_SIZES = {"train": 1_281_167, "eval": 50_000}
@@ -81,8 +82,8 @@ def convert_file(
     config_path: str | os.PathLike = DEFAULT_CONFIG,
 ) -> str:
     """Convert `path` and write the checkpoint under `out`; returns the checkpoint directory."""
-    models.check_choice("--model", name, models.names())
-    models.check_choice("--normalization", normalization, tuple(NORMALIZATIONS))
+    check_choice("--model", name, models.names())
+    check_choice("--normalization", normalization, tuple(NORMALIZATIONS))
     if not 0.0 < eval_crop <= 1.0:
         raise weights.WeightsError(f"--eval_crop={eval_crop} must be in (0, 1]")
     existing = checkpoint.checkpoint_dir(out)

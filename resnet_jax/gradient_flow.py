@@ -40,6 +40,7 @@ import optax
 from flax import traverse_util
 
 from resnet_jax import data, models, optim
+from resnet_jax.errors import check_choice
 from resnet_jax.step import TrainState, cross_entropy, init_state, normalize
 
 FAMILIES = ("plain", "resnet", "preact_resnet")
@@ -53,9 +54,9 @@ WORSE_RELATIVE, WORSE_ABSOLUTE = 0.10, 0.01
 
 def model_name(family: str, depth: int) -> str:
     """Registry name of a study model, checked against the registry."""
-    models.check_choice("family", family, FAMILIES)
+    check_choice("family", family, FAMILIES)
     name = f"{family}{depth}"
-    models.check_choice("model", name, models.names())
+    check_choice("model", name, models.names())
     return name
 
 
@@ -324,9 +325,9 @@ def run_study(
     for family, depth in itertools.product(families, depths):
         model_name(family, depth)
     for norm in norms:
-        models.check_choice("norm", norm, models.NORMS)
+        check_choice("norm", norm, models.NORMS)
     for activation in activations:
-        models.check_choice("activation", activation, tuple(models.ACTIVATIONS))
+        check_choice("activation", activation, tuple(models.ACTIVATIONS))
     dataset = data.load(config)
     if config.batch_size > dataset.info.num_train:
         raise ValueError(
@@ -601,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data.parse_spec(args.dataset)
         for family in args.families:
-            models.check_choice("family", family, FAMILIES)
+            check_choice("family", family, FAMILIES)
         document = run_study(args.depths, args.families, args.norm, args.activation, config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

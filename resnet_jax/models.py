@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resnet_jax.errors import check_choice
 from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part of the models API)
     PRE_ACTIVATION,
     SHORTCUTS,
@@ -238,12 +239,6 @@ MODELS = _registry()
 def names() -> list[str]:
     """Every name `create` accepts."""
     return list(MODELS)
-
-
-def check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
-    """Raise a ValueError naming the key, the bad value and the valid choices."""
-    if value not in valid:
-        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
 
 
 def _check_rate(key: str, value: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import optax
 
-from resnet_jax.models import check_choice
+from resnet_jax.errors import check_choice
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb")
 SCHEDULES = ("constant", "step", "cosine", "linear", "polynomial", "onecycle")

@@ -25,6 +25,7 @@ import optax
 from flax import traverse_util
 
 from resnet_jax import models, sources, step
+from resnet_jax.errors import check_choice
 
 # Architectures each source publishes with the same layer layout as ours.
 TORCHVISION = (
@@ -175,7 +176,7 @@ def convert(state_dict: Mapping[str, Any], name: str, source: str = "torchvision
     The number of classes is read from the classifier (`fc.weight`; timm's ResNetV2: `head.fc.weight`).
     Raises `WeightsError` listing every missing, unexpected and misshapen key.
     """
-    models.check_choice("source", source, tuple(SOURCES))
+    check_choice("source", source, tuple(SOURCES))
     if name not in SOURCES[source]:
         raise WeightsError(
             f"model={name!r} has no {source} counterpart; {source} weights exist for: "
