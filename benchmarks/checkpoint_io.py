@@ -24,9 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
 from resnet_jax import checkpoint, data, parallel, train  # noqa: E402
+from resnet_jax.config_checks import check_config  # noqa: E402
+from resnet_jax.step import TrainState  # noqa: E402
 
 
-def state_bytes(state: train.TrainState) -> int:
+def state_bytes(state: TrainState) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
 
 
@@ -39,14 +41,15 @@ def main() -> None:
 
     config = default.get_config()
     config.update(model=args.model, dataset="synthetic", image_size=32, num_train_steps=10)
+    config = check_config(config)
     dataset = data.load(config)
-    trainer = train.Trainer(config, dataset, parallel.create_mesh())
-    state = jax.block_until_ready(trainer.init(jax.random.key(0)))
+    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh())
+    state = jax.block_until_ready(steps.init(jax.random.key(0)))
     abstract = checkpoint.with_sharding(
-        jax.eval_shape(trainer.init, jax.random.key(0)), parallel.replicated(trainer.mesh)
+        jax.eval_shape(steps.init, jax.random.key(0)), parallel.replicated(steps.mesh)
     )
     size = state_bytes(state)
-    print(f"{args.model}: {size / 2**20:.0f} MiB of train state on {parallel.describe(trainer.mesh)}")
+    print(f"{args.model}: {size / 2**20:.0f} MiB of train state on {parallel.describe(steps.mesh)}")
 
     root = args.dir or tempfile.mkdtemp(prefix="ckpt_bench_")
     rows = []

@@ -5,7 +5,7 @@ Learning"; v1.5 puts the stride on the bottleneck's 3x3): a Flax Linen ResNet
 in the style of the Flax ImageNet example, 'SAME' padding, and a step that does
 only what the maths needs: normalise, forward, cross-entropy, gradients, SGD
 with Nesterov momentum and weight decay on kernels, BatchNorm statistics.
-Ours is `train.Trainer`'s step on the `configs/default.py` recipe (the same
+Ours is `train.CompiledSteps`' step on the `configs/default.py` recipe (the same
 optimizer) as `benchmark.py` times it, with its extras (metrics, finite checks).
 
 The two are timed in alternating rounds so that a change in the machine's load
@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import default  # noqa: E402
-from resnet_jax import benchmark, data, parallel  # noqa: E402
+from resnet_jax import benchmark, data, models, parallel  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ SETUPS = {
     # About 23 s a step on two cores: few steps.
     "resnet50_224": Setup("resnet50", 224, 16, 1000, 3, 1, (3, 4, 6, 3), True, False),
 }
-MEAN, STD = 127.5, 73.9  # what the synthetic dataset reports, uint8 units
+(MEAN, *_), (STD, *_) = data.SYNTHETIC_STATS  # what the synthetic dataset reports, uint8 units
 
 # ---------------------------------------------------------------- the reference, in Flax
 
@@ -173,7 +173,7 @@ def compile_reference(setup: Setup, batch: dict) -> benchmark.CompiledCase:
         state=state,
         batches=itertools.repeat(batch),
         compiled=compiled,
-        num_params=sum(p.size for p in jax.tree.leaves(state["params"])),
+        num_params=models.param_count(state["params"]),
         init_seconds=t1 - t0,
         lowering_seconds=t2 - t1,
         xla_compile_seconds=t3 - t2,

@@ -1,6 +1,6 @@
 """Throughput, compile time, MFU and memory of the real train (or eval) step.
 
-What is timed is exactly what `train.py` runs: `train.Trainer` builds the model,
+What is timed is exactly what `train.py` runs: `train.CompiledSteps` builds the model,
 the optimizer from the config, and the jit-compiled `train_step`/`eval_step` with
 the mesh shardings and buffer donation; this module only feeds it and measures.
 By default the batch is made on the devices (random uint8 images, already
@@ -33,6 +33,7 @@ import numpy as np
 from resnet_jax import data, models, parallel, targets, train
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.errors import check_choice
+from resnet_jax.step import rng_key
 
 MODES = ("train", "eval")
 DEVICE_DATA = "device"  # the `data` value of rows whose batches were made on the devices
@@ -162,10 +163,9 @@ def case_config(base: ml_collections.ConfigDict, case: Case, options: Options) -
     config.num_train_steps = options.warmup_steps + options.steps + 2
     config.seed = options.seed
     try:
-        check_config(config)
+        return check_config(config)
     except ConfigError as e:
         raise BenchmarkError(str(e)) from None
-    return config
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
@@ -272,9 +272,9 @@ def synthetic_batch(
     return batch
 
 
-def device_batches(trainer: train.Trainer, batch_size: int, seed: int, mask: bool) -> Iterator[dict]:
+def device_batches(steps: train.CompiledSteps, batch_size: int, seed: int, mask: bool) -> Iterator[dict]:
     """One batch made on the devices, already sharded like the step's input, then repeated."""
-    info = trainer.dataset.info
+    info = steps.info
     make = jax.jit(
         functools.partial(
             synthetic_batch,
@@ -283,14 +283,16 @@ def device_batches(trainer: train.Trainer, batch_size: int, seed: int, mask: boo
             num_classes=info.num_classes,
             mask=mask,
         ),
-        out_shardings=trainer.batch_sharding,
+        out_shardings=steps.batch_sharding,
     )
     return itertools.repeat(jax.block_until_ready(make(jax.random.key(seed))))
 
 
-def pipeline_batches(trainer: train.Trainer, config: ml_collections.ConfigDict, mode: str) -> Iterator[dict]:
+def pipeline_batches(
+    steps: train.CompiledSteps, dataset: data.Dataset, config: ml_collections.ConfigDict, mode: str
+) -> Iterator[dict]:
     """Batches from the real input pipeline, turned into global arrays step by step like `train.py`."""
-    dataset, count, index = trainer.dataset, jax.process_count(), jax.process_index()
+    count, index = jax.process_count(), jax.process_index()
     if mode == "train":
         local = data.train_loader(
             dataset,
@@ -306,7 +308,7 @@ def pipeline_batches(trainer: train.Trainer, config: ml_collections.ConfigDict, 
             )
             for _ in itertools.count()
         )
-    return (parallel.to_global(batch, trainer.batch_sharding) for batch in local)
+    return (parallel.to_global(batch, steps.batch_sharding) for batch in local)
 
 
 @contextlib.contextmanager
@@ -380,20 +382,20 @@ def compile_case(
     dataset: data.Dataset,
     mesh: jax.sharding.Mesh,
 ) -> CompiledCase:
-    """Build the trainer, initialise the state, make the input, and lower + compile the step."""
-    trainer = train.Trainer(config, dataset, mesh)
+    """Build the compiled steps, initialise the state, make the input, and lower + compile the step."""
+    steps = train.CompiledSteps(config, dataset.info, mesh)
     t0 = time.perf_counter()
-    state = jax.block_until_ready(trainer.init(train.rng_key(options.seed)))
+    state = jax.block_until_ready(steps.init(rng_key(options.seed)))
     init_seconds = time.perf_counter() - t0
 
     train_mode = options.mode == "train"
     if options.data is None:
-        batches = device_batches(trainer, case.batch_size, options.seed, mask=not train_mode)
+        batches = device_batches(steps, case.batch_size, options.seed, mask=not train_mode)
     else:
-        batches = pipeline_batches(trainer, config, options.mode)
+        batches = pipeline_batches(steps, dataset, config, options.mode)
     first = next(batches)
 
-    jitted = trainer.train_step if train_mode else trainer.eval_step
+    jitted = steps.train_step if train_mode else steps.eval_step
     cpu0, t0 = time.process_time(), time.perf_counter()
     lowered = jitted.lower(state, first)
     t1 = time.perf_counter()
@@ -407,7 +409,7 @@ def compile_case(
         batches=itertools.chain([first], batches),
         compiled=compiled,
         flops_per_device=step_flops_per_device(lowered, mesh.devices.size),
-        num_params=sum(x.size for x in jax.tree.leaves(state.params)),
+        num_params=models.param_count(state.params),
         init_seconds=init_seconds,
         lowering_seconds=t1 - t0,
         xla_compile_seconds=t2 - t1,

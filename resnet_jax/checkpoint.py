@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from resnet_jax import metrics
+from resnet_jax import progress
 
 # Changing any of these makes a checkpoint unusable (other parameter tree, data or optimizer state).
 INCOMPATIBLE_KEYS = ("model", "dataset", "image_size", "optimizer", "batch_size", "seed")
@@ -193,7 +193,7 @@ class Checkpoints:
 
     def _report_broken(self, step: int, error: Exception) -> None:
         aside = self._move_aside(step)
-        metrics.warn(
+        progress.warn(
             f"checkpoint of step {step} is broken ({type(error).__name__}: {str(error)[:200]}); "
             f"moved to {aside}, falling back to the previous one"
         )

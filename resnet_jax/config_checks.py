@@ -1,4 +1,8 @@
-"""Up-front checks of a training config: every bad value fails here, before any data or compile."""
+"""One entry for every config: complete it from the defaults, then fail on the first bad value.
+
+Checks run here, before any data is read or anything compiles; the rest of the package reads a
+checked config's attributes and trusts them.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ import os
 import tempfile
 from typing import Any
 
-from resnet_jax import augment, data, models, optim, progress
-from resnet_jax.errors import ConfigError, check_choice
+import ml_collections
+
+from resnet_jax import augment, data, defaults, models, optim, progress
+from resnet_jax.errors import ConfigError, check_choice, did_you_mean
 
 # key, low (inclusive), high (exclusive); None values (the optimizer's defaults) are not checked.
 RANGES = (
@@ -46,25 +52,54 @@ def check_workdir(workdir: str) -> None:
         raise ConfigError(f"workdir {workdir!r} cannot be written: {e.strerror or e}") from None
 
 
-def check_config(config: Any, workdir: str | None = None) -> None:
-    """Raise `ConfigError` for the first bad value of `config` (and the workdir, if given)."""
+def complete_config(config: Any) -> ml_collections.ConfigDict:
+    """`config`'s values over `defaults.get_config()`, as a new locked ConfigDict.
+
+    Keys that `config` lacks take their default (a config built from scratch in a notebook works);
+    a key that is not a default is a typo, and silently ignoring it would train the wrong recipe.
+    """
+    complete = defaults.get_config()
+    for key, value in config.items():
+        if key not in complete:
+            raise ConfigError(
+                f"config.{key} is not a config key{did_you_mean(key, complete)}; "
+                "every key is listed with its default in resnet_jax/defaults.py"
+            )
+        try:
+            complete[key] = value
+        except (TypeError, ValueError) as e:
+            default = complete[key]
+            raise ConfigError(
+                f"config.{key}={value!r} has the wrong type: expected {type(default).__name__}, like the "
+                f"default {default!r} ({e})"
+            ) from None
+    complete.lock()
+    return complete
+
+
+def check_config(config: Any, workdir: str | None = None) -> ml_collections.ConfigDict:
+    """`config` completed from the defaults (see `complete_config`) and checked.
+
+    Raises `ConfigError` for the first unknown key or bad value (or an unwritable workdir, if given).
+    """
+    config = complete_config(config)
     try:
         check_choice("config.model", config.model, models.names())
         check_choice("config.dtype", config.dtype, tuple(models.DTYPES))
-        check_choice("config.activation", config.get("activation", "relu"), tuple(models.ACTIVATIONS))
+        check_choice("config.activation", config.activation, tuple(models.ACTIVATIONS))
         check_choice("config.optimizer", config.optimizer, optim.OPTIMIZERS)
         check_choice("config.lr_schedule", config.lr_schedule, optim.SCHEDULES)
-        check_choice(
-            "config.weight_decay_mode", config.get("weight_decay_mode", "auto"), optim.WEIGHT_DECAY_MODES
-        )
-        check_choice(
-            "config.weight_decay_mask", config.get("weight_decay_mask", "kernels"), optim.WEIGHT_DECAY_MASKS
-        )
-        check_choice("config.warmup_style", config.get("warmup_style", "linear"), optim.WARMUP_STYLES)
-        optim.weight_decay_mode(config)  # adamw with coupled decay is a contradiction
-        check_choice("config.augment", config.get("augment", "auto"), augment.AUGMENTATIONS)
-        check_choice("config.progress", config.get("progress", "auto"), progress.PROGRESS_MODES)
-        progress.parse_profile_steps(config.get("profile_steps", ""))
+        check_choice("config.weight_decay_mode", config.weight_decay_mode, optim.WEIGHT_DECAY_MODES)
+        check_choice("config.weight_decay_mask", config.weight_decay_mask, optim.WEIGHT_DECAY_MASKS)
+        check_choice("config.warmup_style", config.warmup_style, optim.WARMUP_STYLES)
+        if config.optimizer == "adamw" and config.weight_decay_mode == "coupled":
+            raise ConfigError(
+                "weight_decay_mode='coupled' with optimizer='adamw': AdamW is Adam with decoupled decay; "
+                "use optimizer='adam' for Adam with L2 decay"
+            )
+        check_choice("config.augment", config.augment, augment.AUGMENTATIONS)
+        check_choice("config.progress", config.progress, progress.PROGRESS_MODES)
+        progress.parse_profile_steps(config.profile_steps)
         try:
             data.parse_spec(config.dataset)
         except ValueError as e:
@@ -73,29 +108,27 @@ def check_config(config: Any, workdir: str | None = None) -> None:
         raise ConfigError(str(e)) from None
     for key in ("batch_size", "image_size"):
         _positive_int(config, key)
-    if config.get("eval_batch_size", 0):
+    if config.eval_batch_size:
         _positive_int(config, "eval_batch_size")
-    if "grad_accum_steps" in config:
-        _positive_int(config, "grad_accum_steps")
-    if config.get("bn_group_size", 0):
+    _positive_int(config, "grad_accum_steps")
+    if config.bn_group_size:
         _positive_int(config, "bn_group_size")
-    eval_images = config.get("eval_images", 0)
+    eval_images = config.eval_images
     if isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 0:
         raise ConfigError(f"config.eval_images={eval_images!r} must be 0 (none) or a positive integer")
-    workers = config.get("num_workers", 0)
+    workers = config.num_workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
         raise ConfigError(
             f"config.num_workers={workers!r} must be -1 (auto), 0 (no worker processes) or more"
         )
-    if not 0.0 < config.get("folder_eval_fraction", 0.1) < 1.0:
+    if not 0.0 < config.folder_eval_fraction < 1.0:
         raise ConfigError(f"config.folder_eval_fraction={config.folder_eval_fraction!r} must be in (0, 1)")
     for key, low, high in RANGES:
-        value = config.get(key)
+        value = config[key]
         if value is not None and not low <= value < high:
             raise ConfigError(f"config.{key}={value!r} must be in [{low}, {high})")
-    if config.get("loss_scale_period", 1) < 1:
-        _positive_int(config, "loss_scale_period")
-    epochs = list(config.get("lr_step_epochs", ()))
+    _positive_int(config, "loss_scale_period")
+    epochs = list(config.lr_step_epochs)
     if config.lr_schedule == "step" and (not epochs or epochs != sorted(epochs) or min(epochs) < 0):
         raise ConfigError(
             f"config.lr_step_epochs={config.lr_step_epochs!r} must be increasing epochs, e.g. (30, 60, 80)"
@@ -107,3 +140,4 @@ def check_config(config: Any, workdir: str | None = None) -> None:
         )
     if workdir is not None:
         check_workdir(workdir)
+    return config

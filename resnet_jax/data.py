@@ -18,11 +18,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from resnet_jax import augment, sources
+from resnet_jax import augment, progress, sources
+from resnet_jax.augment import Example
 
 SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
 STATS_SAMPLES = 256  # examples that estimate mean/std when the dataset's are not known
-Example = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +142,12 @@ def assemble(found: sources.Found, image_size: int, augment_style: str) -> Datas
 
 
 def load(config: Any) -> Dataset:
-    """Build the dataset named by `config.dataset` at `config.image_size`.
+    """Build the dataset named by `config.dataset` (a checked config) at `config.image_size`.
 
     Raises `sources.DatasetError` (a ValueError) with a message that says what is wrong and how to fix it.
     """
     kind, arg = parse_spec(config.dataset)
-    style = config.get("augment", "auto")
+    style = config.augment
     if kind == "digits":
         return load_digits(config.image_size, style)
     if kind == "synthetic":
@@ -156,12 +156,12 @@ def load(config: Any) -> Dataset:
         found = sources.find_tfds(
             config.dataset,
             arg,
-            config.get("data_dir"),
-            config.get("train_split", "train"),
-            config.get("eval_split", "auto"),
+            config.data_dir,
+            config.train_split,
+            config.eval_split,
         )
     else:
-        found = sources.find_folder(config.dataset, arg, config.get("folder_eval_fraction", 0.1))
+        found = sources.find_folder(config.dataset, arg, config.folder_eval_fraction)
     return assemble(found, config.image_size, style)
 
 
@@ -236,7 +236,7 @@ def train_loader(
             _prepare_grain_workers()
             iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
             return iter(iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
-        sources.warn(f"num_workers={num_workers} ignored, loading in threads: {reason}")
+        progress.warn(f"num_workers={num_workers} ignored, loading in threads: {reason}")
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 

@@ -1,4 +1,5 @@
-"""Errors a user can fix from their message alone, and the check that a value is one of the choices.
+"""Errors a user can fix from their message alone, the check that a value is one of the choices, and
+the did-you-mean hint for a misspelt name.
 
 This module imports nothing from the package, so every module can raise these errors without an
 import cycle; the command lines print a `UserError` as one `error: ...` line, without a traceback.
@@ -36,7 +37,4 @@ def check_choice(key: str, value: Any, valid: Iterable[Any]) -> None:
     """Raise `ConfigError` naming the key, the bad value and the valid choices."""
     valid = tuple(valid)
     if value not in valid:
-        raise ConfigError(
-            f"{key}={value!r} is not valid{did_you_mean(value, valid)}; "
-            f"choose one of: {', '.join(map(str, valid))}"
-        )
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")

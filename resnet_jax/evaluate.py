@@ -12,25 +12,30 @@ import json
 import os
 import sys
 
-from resnet_jax import checkpoint, data, parallel, sources
+from resnet_jax import checkpoint, data, inference, parallel, sources
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.inference import apply_overrides, load_trained
-from resnet_jax.train import Trainer
 
 
 def evaluate_checkpoint(workdir: str, which: str = "latest", overrides: list[str] = ()) -> dict[str, float]:
     trained = load_trained(workdir, which)
     config = trained.config
     apply_overrides(config, list(overrides))
-    check_config(config)
+    config = check_config(config)
     dataset = data.load(config)
     if dataset.info.num_classes != trained.info.num_classes:
         raise ConfigError(
             f"config.dataset={config.dataset!r} has {dataset.info.num_classes} classes; the checkpoint "
             f"was trained with {trained.info.num_classes}"
         )
-    trainer = Trainer(config, dataset, parallel.create_mesh())
-    collection = trainer.evaluate(trained.state)
+    mesh = parallel.create_mesh()
+    batch_size = config.eval_batch_size or config.batch_size
+    try:
+        parallel.check_batch_size("config.eval_batch_size", batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    eval_step = inference.compile_eval_step(trained.model, dataset.info, mesh)
+    collection = inference.evaluate(eval_step, trained.state, dataset, batch_size=batch_size, mesh=mesh)
     result = collection.compute()
     return {
         "step": trained.step,

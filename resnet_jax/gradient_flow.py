@@ -39,9 +39,10 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from resnet_jax import data, models, optim
+from resnet_jax import data, defaults, models, optim
+from resnet_jax.config_checks import check_config
 from resnet_jax.errors import check_choice
-from resnet_jax.step import TrainState, cross_entropy, init_state, normalize
+from resnet_jax.step import TrainState, cross_entropy, init_state, normalize, rng_key
 
 FAMILIES = ("plain", "resnet", "preact_resnet")
 # A net "vanishes" (or "explodes") when the first conv's weight gradient is this many times smaller
@@ -231,17 +232,17 @@ def study_config(
     learning_rate: float = 0.05,
     seed: int = 0,
 ) -> ml_collections.ConfigDict:
-    """The training recipe every study model gets: the library's keys, one fixed budget.
+    """The training recipe every study model gets: the library's defaults, one fixed budget.
 
     Nesterov SGD with a cosine schedule and no weight decay (the loss curves show fitting alone).
     """
-    config = ml_collections.ConfigDict()
+    config = defaults.get_config()
     config.dataset, config.image_size, config.augment = dataset, image_size, "auto"
     config.batch_size, config.num_train_steps, config.seed = batch_size, steps, seed
     config.optimizer, config.learning_rate, config.momentum = "nesterov", learning_rate, 0.9
     config.lr_schedule, config.warmup_epochs, config.weight_decay = "cosine", 0.0, 0.0
     config.grad_clip_norm = 0.0
-    return config
+    return check_config(config)
 
 
 def probe_batch(dataset: data.Dataset, size: int) -> dict[str, jax.Array]:
@@ -270,7 +271,7 @@ def run_model(
     module = models.create(name, info.num_classes, norm=norm, activation=activation, zero_init_residual=False)
     steps = config.num_train_steps
     tx, _ = optim.create(config, max(1, info.num_train // config.batch_size), steps)
-    key = jax.random.key(config.seed, impl="rbg")
+    key = rng_key(config.seed)
     state = jax.jit(functools.partial(init_state, module, tx, info.image_shape))(key)
     probe = probe_batch(dataset, config.batch_size)
     shapes = block_input_shapes(
@@ -293,7 +294,7 @@ def run_model(
         "depth": depth,
         "norm": norm,
         "activation": activation,
-        "num_params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "num_params": models.param_count(state.params),
         "init": at_init,
         "trained": trained,
         "train_loss": losses,

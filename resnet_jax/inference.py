@@ -1,18 +1,54 @@
-"""Loading a trained run back from its checkpoints, for evaluation and prediction."""
+"""Inference without an optimizer: the compiled eval step, a whole-split evaluation, and loading a
+trained run back from its checkpoints for `evaluate` and `predict`."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from resnet_jax import checkpoint, data, parallel
-from resnet_jax.step import TrainState
-from resnet_jax.train import create_model
+from resnet_jax import checkpoint, data, metrics, models, parallel
+from resnet_jax.config_checks import complete_config
+from resnet_jax.step import TrainState, eval_step
+
+EvalStep = Callable[[TrainState, dict[str, jax.Array]], metrics.EvalMetrics]
+
+
+def compile_eval_step(model: flax.linen.Module, info: data.DatasetInfo, mesh: jax.sharding.Mesh) -> EvalStep:
+    """`step.eval_step` jit-compiled over `mesh`: state replicated, batch split over `data`."""
+    return jax.jit(
+        functools.partial(eval_step, model=model, mean=info.mean, std=info.std),
+        in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+        out_shardings=parallel.replicated(mesh),
+    )
+
+
+def evaluate(
+    compiled_eval_step: EvalStep,
+    state: TrainState,
+    dataset: data.Dataset,
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> metrics.EvalMetrics:
+    """Metrics over the whole eval split (each image once, padding masked) of `state.for_eval()`."""
+    batches = data.eval_batches(
+        dataset,
+        global_batch_size=batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    eval_state, sharding = state.for_eval(), parallel.data_sharding(mesh)
+    return metrics.merge_all(
+        [parallel.in_order(compiled_eval_step(eval_state, parallel.to_global(b, sharding))) for b in batches]
+    )
 
 
 @dataclasses.dataclass
@@ -51,8 +87,7 @@ def replicated_target(checkpoints: checkpoint.Checkpoints, step: int) -> Any:
     path = os.path.join(checkpoints.directory, str(step), "state")
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.metadata(path).item_metadata
-    sharding = parallel.replicated(parallel.create_mesh())
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+    return checkpoint.with_sharding(tree, parallel.replicated(parallel.create_mesh()))
 
 
 def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
@@ -71,7 +106,7 @@ def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
     for key in ("image_shape", "mean", "std", "class_names"):
         info_fields[key] = tuple(info_fields[key])
     info = data.DatasetInfo(**info_fields)
-    config = ml_collections.ConfigDict(items["config"])
+    config = complete_config(ml_collections.ConfigDict(items["config"]))
     saved = items["state"]
     weights = saved.get("ema") or saved  # a run with config.ema_decay evaluated its average
     state = TrainState(
@@ -80,4 +115,4 @@ def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
         batch_stats=weights.get("batch_stats", {}),
         opt_state=None,
     )
-    return TrainedModel(step, config, info, create_model(config, info.num_classes), state)
+    return TrainedModel(step, config, info, models.create_model(config, info.num_classes), state)

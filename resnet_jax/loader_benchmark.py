@@ -41,7 +41,7 @@ def cifar_like(num_images: int) -> data.Dataset:
         class_names=tuple(str(i) for i in range(10)),
         channels=3,
         source_size=32,
-        stats=((127.5,) * 3, (73.9,) * 3),
+        stats=data.SYNTHETIC_STATS,
     )
     return data.assemble(found, 32, "cifar")
 

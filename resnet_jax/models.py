@@ -41,8 +41,6 @@ from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part
     torch_padding,
 )
 
-ModuleDef = Any
-
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "tanh": jnp.tanh,
@@ -51,7 +49,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 NORMS = ("batch", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # float64 is for gradient checks under jax.enable_x64; it is not a training choice.
-STEMS = ("imagenet", "cifar", "deep")
 
 # torchvision's ResNet init: Kaiming normal, fan-out, gain sqrt(2).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -304,6 +301,21 @@ def create(
     )
 
 
+def create_model(config: Any, num_classes: int) -> ResNet:
+    """The model a checked training config describes (see `config_checks.check_config`)."""
+    return create(
+        config.model,
+        num_classes,
+        dtype=config.dtype,
+        zero_init_residual=config.zero_init_residual,
+        bn_group_size=config.bn_group_size,
+        activation=config.activation,
+        drop_path_rate=config.drop_path_rate,
+        dropout_rate=config.dropout_rate,
+        frozen_norm=config.freeze_backbone,  # linear probing: BatchNorm stays as loaded
+    )
+
+
 def is_cifar(name: str) -> bool:
     """Networks built for 32x32 inputs (3x3 stem without pooling)."""
     return MODELS[name]["stem"] == "cifar"
@@ -312,7 +324,12 @@ def is_cifar(name: str) -> bool:
 def count_params(module: nn.Module, image_size: int, channels: int = 3) -> int:
     """Number of trainable parameters, from shapes only (nothing is computed)."""
     shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, channels)))
-    return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+    return param_count(shapes["params"])
+
+
+def param_count(params: Any) -> int:
+    """Number of scalars in a parameter tree (arrays or shapes)."""
+    return sum(x.size for x in jax.tree.leaves(params))
 
 
 def cost_analysis(stage: jax.stages.Lowered | jax.stages.Compiled) -> dict[str, float]:

@@ -18,8 +18,6 @@ from typing import Any
 import jax
 import optax
 
-from resnet_jax.errors import check_choice
-
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb")
 SCHEDULES = ("constant", "step", "cosine", "linear", "polynomial", "onecycle")
 WEIGHT_DECAY_MODES = ("auto", "coupled", "decoupled")
@@ -66,7 +64,7 @@ def kernel_mask(params: Any) -> Any:
 
 def setting(config: Any, key: str, defaults: dict[str, float]) -> float | None:
     """`config[key]`, or the optimizer's own default when it is unset (None)."""
-    value = config.get(key)
+    value = config[key]
     return defaults.get(config.optimizer) if value is None else float(value)
 
 
@@ -81,15 +79,9 @@ def weight_decay(config: Any) -> float:
 
 def weight_decay_mode(config: Any) -> str:
     """'coupled' (L2 added to the gradient) or 'decoupled' (Loshchilov & Hutter: beside the step)."""
-    mode = config.get("weight_decay_mode", "auto")
-    check_choice("weight_decay_mode", mode, WEIGHT_DECAY_MODES)
+    mode = config.weight_decay_mode
     if mode == "auto":
         return "decoupled" if config.optimizer in DECOUPLED_BY_DEFAULT else "coupled"
-    if config.optimizer == "adamw" and mode == "coupled":
-        raise ValueError(
-            "weight_decay_mode='coupled' with optimizer='adamw': AdamW is Adam with decoupled decay; "
-            "use optimizer='adam' for Adam with L2 decay"
-        )
     return mode
 
 
@@ -106,46 +98,46 @@ def create_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> opta
     warmup (30 % of the run when `warmup_epochs` is 0) from peak/25 and falls to peak/25e4.
     """
     name = config.lr_schedule
-    check_choice("lr_schedule", name, SCHEDULES)
     peak = learning_rate(config)
     warmup = warmup_steps(config, steps_per_epoch, total_steps)
     if name == "onecycle":
         rise = warmup / total_steps if warmup else 0.3
         return optax.cosine_onecycle_schedule(total_steps, peak, pct_start=rise)
     decay_steps = total_steps - warmup
-    end = peak * config.get("lr_end_factor", 0.0)
+    end = peak * config.lr_end_factor
     if name == "constant":
         after = optax.constant_schedule(peak)
     elif name == "step":
-        boundaries = [round(e * steps_per_epoch) - warmup for e in config.get("lr_step_epochs", (30, 60, 80))]
-        factor = config.get("lr_decay_factor", 0.1)
+        boundaries = [round(e * steps_per_epoch) - warmup for e in config.lr_step_epochs]
+        factor = config.lr_decay_factor
         after = optax.piecewise_constant_schedule(peak, {max(0, b): factor for b in boundaries})
     elif name == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
     elif name == "linear":
         after = optax.linear_schedule(peak, end, decay_steps)
     else:
-        after = optax.polynomial_schedule(peak, end, config.get("lr_power", 2.0), decay_steps)
+        after = optax.polynomial_schedule(peak, end, config.lr_power, decay_steps)
     if not warmup:
         return after
-    style = config.get("warmup_style", "linear")
-    check_choice("warmup_style", style, WARMUP_STYLES)
-    start = peak * config.get("warmup_factor", 0.0)
-    rise = optax.linear_schedule(start, peak, warmup) if style == "linear" else optax.constant_schedule(start)
+    start = peak * config.warmup_factor
+    if config.warmup_style == "linear":
+        rise = optax.linear_schedule(start, peak, warmup)
+    else:
+        rise = optax.constant_schedule(start)
     return optax.join_schedules([rise, after], [warmup])
 
 
 def preconditioner(config: Any) -> optax.GradientTransformation:
     """The optimizer's own scaling of the gradient, before the learning rate."""
-    name, momentum = config.optimizer, config.get("momentum", 0.9)
+    name, momentum = config.optimizer, config.momentum
     eps = setting(config, "eps", DEFAULT_EPS)
-    b1, b2 = config.get("b1", 0.9), config.get("b2", 0.999)
+    b1, b2 = config.b1, config.b2
     if name in ("momentum", "nesterov"):
         return optax.trace(momentum, nesterov=name == "nesterov")
     if name == "adagrad":
-        return optax.scale_by_rss(config.get("adagrad_initial_accumulator", 0.1), eps)
+        return optax.scale_by_rss(config.adagrad_initial_accumulator, eps)
     if name == "rmsprop":
-        return optax.scale_by_rms(config.get("rmsprop_decay", 0.9), eps)
+        return optax.scale_by_rms(config.rmsprop_decay, eps)
     if name in ("adam", "adamw", "lamb"):
         return optax.scale_by_adam(b1, b2, eps)
     return optax.identity()  # sgd; lars takes its momentum after the learning rate
@@ -156,14 +148,11 @@ def create(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its schedule (returned too, for logging the learning rate)."""
     name = config.optimizer
-    check_choice("optimizer", name, OPTIMIZERS)
     schedule = create_schedule(config, steps_per_epoch, total_steps)
     wd, mode = weight_decay(config), weight_decay_mode(config)
-    mask_kind = config.get("weight_decay_mask", "kernels")
-    check_choice("weight_decay_mask", mask_kind, WEIGHT_DECAY_MASKS)
-    decay = optax.add_decayed_weights(wd, mask=kernel_mask if mask_kind == "kernels" else None)
+    decay = optax.add_decayed_weights(wd, mask=kernel_mask if config.weight_decay_mask == "kernels" else None)
     chain = []
-    if config.get("grad_clip_norm", 0.0):
+    if config.grad_clip_norm:
         chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if wd and mode == "coupled":
         chain.append(decay)
@@ -176,5 +165,5 @@ def create(
         chain.append(optax.masked(trust, kernel_mask))
     chain.append(optax.scale_by_learning_rate(schedule))
     if name == "lars":
-        chain.append(optax.trace(config.get("momentum", 0.9)))
+        chain.append(optax.trace(config.momentum))
     return optax.chain(*chain), schedule

@@ -118,10 +118,6 @@ def describe(mesh: Mesh) -> str:
     return f"{mesh.devices.size} device(s) ({', '.join(kinds)}) on {jax.process_count()} process(es)"
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, replicated(mesh))
-
-
 # Clusters whose environment names every process (JAX's detection names); others need --distributed.
 AUTO_CLUSTERS = ("gcetpu", "gketpu", "slurm", "ompi")
 

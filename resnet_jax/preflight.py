@@ -6,7 +6,7 @@
 JAX compiles for devices that are not there: libtpu describes TPU slices, the CUDA plugin compiles
 for a GPU described by a target config (`resnet_jax/gpu_specs`). Each target compiles in its own
 process (the TPU and CUDA backends must not share one), building the steps exactly as `train.py`
-does for that mesh (`train.Trainer`: model, optimizer, shardings, donation), from abstract states
+does for that mesh (`train.CompiledSteps`: model, optimizer, shardings, donation), from abstract states
 and uint8 batch shapes. Reported per device: memory against HBM, FLOPs and HBM bytes per image
 where the backend counts them, a roofline bound on images/s, and whether it fits. Nothing runs,
 so nothing is timed; GPU memory is XLA's plan before autotuning picks convolution algorithms.
@@ -101,7 +101,8 @@ def dataset_info(config: ml_collections.ConfigDict, num_classes: int | None) -> 
         import tensorflow_datasets as tfds
 
         try:
-            features = tfds.builder(name.split("/")[0], data_dir=tempfile.mkdtemp()).info.features
+            with tempfile.TemporaryDirectory() as empty:  # metadata only: nothing is read or written
+                features = tfds.builder(name.split("/")[0], data_dir=empty).info.features
         except Exception as e:  # noqa: BLE001 - unknown names and builders that need files
             raise PreflightError(
                 f"{missing}; its TFDS metadata is unknown too ({e}); pass --num_classes"
@@ -135,14 +136,14 @@ def check_batch(config: ml_collections.ConfigDict, target: targets.Target, batch
         "config.batch_size",
         batch_size,
         target.devices,
-        grad_accum_steps=config.get("grad_accum_steps", 1),
-        bn_group_size=config.get("bn_group_size", 0),
+        grad_accum_steps=config.grad_accum_steps,
+        bn_group_size=config.bn_group_size,
     )
     return error or ""
 
 
 def batch_unit(config: ml_collections.ConfigDict, target: targets.Target) -> int:
-    return target.devices * config.get("grad_accum_steps", 1) * max(config.get("bn_group_size", 0), 1)
+    return target.devices * config.grad_accum_steps * max(config.bn_group_size, 1)
 
 
 # ---------------------------------------------------------------- one target, in its own process
@@ -192,28 +193,29 @@ def compile_step(
     mode: str,
     hlo_dir: str | None = None,
 ) -> Compiled:
-    """Build `train.Trainer` for the mesh at `batch_size` and compile its train or eval step."""
+    """Build `train.CompiledSteps` for the mesh at `batch_size` and compile its train or eval step."""
     import jax
     import jax.numpy as jnp
 
     from resnet_jax import benchmark, checkpoint, models, parallel, train
+    from resnet_jax.step import rng_key
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.batch_size = config.eval_batch_size = batch_size
     bad = check_batch(config, target, batch_size)
     if bad:
         return Compiled(batch_size, compiled=False, fits=False, reason=bad)
-    trainer = train.Trainer(config, data.Dataset(info, (), (), None, None), mesh)
+    steps = train.CompiledSteps(config, info, mesh)
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    state = checkpoint.with_sharding(jax.eval_shape(trainer.init, train.rng_key(config.seed)), replicated)
+    state = checkpoint.with_sharding(jax.eval_shape(steps.init, rng_key(config.seed)), replicated)
     batch = {
         "image": jax.ShapeDtypeStruct((batch_size, *info.image_shape), jnp.uint8, sharding=sharded),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharded),
     }
-    step = trainer.train_step
+    step = steps.train_step
     if mode == "eval":
         batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharded)
-        state, step = state.for_eval(), trainer.eval_step
+        state, step = state.for_eval(), steps.eval_step
     per_device = {
         k: jax.ShapeDtypeStruct((v.shape[0] // target.devices, *v.shape[1:]), v.dtype)
         for k, v in batch.items()
@@ -326,7 +328,7 @@ def run_target(spec: dict[str, Any]) -> dict[str, Any]:
         return compile_step(config, info, target, mesh, batch_size, mode, spec["hlo_dir"])
 
     train_step = probe(config.batch_size)
-    eval_batch = config.get("eval_batch_size", 0) or config.batch_size
+    eval_batch = config.eval_batch_size or config.batch_size
     eval_step = probe(eval_batch, "eval") if train_step.compiled and spec.get("eval", True) else None
     row: dict[str, Any] = {
         "train": dataclasses.asdict(train_step),
@@ -552,7 +554,7 @@ def preflight(
     if not chosen:
         raise PreflightError(f"no --target given; choose from {', '.join(targets.TARGETS)}")
     check_extras(chosen)
-    check_config(config)
+    config = check_config(config)
     info, shapes_from = dataset_info(config, num_classes)
     report(
         f"{config.model} {config.dtype}, global batch {config.batch_size}, images "

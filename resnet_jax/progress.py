@@ -34,6 +34,22 @@ def write(message: str, file: TextIO | None = None) -> None:
         print(message, file=sys.stdout if file is None else file, flush=True)
 
 
+def log(message: str) -> None:
+    """Progress output: process 0 only, flushed so that piped logs keep up (above the bar, if any)."""
+    if jax.process_index() == 0:
+        write(message)
+
+
+def warn(message: str, *, every_process: bool = False) -> None:
+    """`warning: message` on stderr, from process 0 only unless `every_process`.
+
+    The data loader passes `every_process=True`: it may run in grain worker processes that never
+    start JAX, and whichever process meets an unreadable file is the one that can name it.
+    """
+    if every_process or jax.process_index() == 0:
+        write(f"warning: {message}", file=sys.stderr)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from resnet_jax import augment
+from resnet_jax import augment, progress
+from resnet_jax.augment import Example
 
-Example = dict[str, Any]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FOLDER_EVAL_DIRS = ("val", "validation", "test")
 TFDS_EVAL_SPLITS = ("validation", "test")
@@ -195,11 +194,6 @@ def find_tfds(spec: str, name: str, data_dir: str | None, train_split: str, eval
 # ---------------------------------------------------------------- image folders
 
 
-def warn(message: str) -> None:
-    """Warnings from the loader (which may run in grain worker processes that never start JAX)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 class FolderSource:
     """Image files read and decoded on access; an unreadable file is skipped with a warning.
 
@@ -220,7 +214,7 @@ class FolderSource:
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
             if index not in self._warned:
                 self._warned.add(index)
-                warn(f"skipping unreadable image {self.paths[index]}: {e}")
+                progress.warn(f"skipping unreadable image {self.paths[index]}: {e}", every_process=True)
             return None
 
     def __getitem__(self, index: int) -> Example:

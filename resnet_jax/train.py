@@ -1,8 +1,8 @@
 """`train_and_evaluate`: a whole run from a config, driving the steps of `resnet_jax.step`.
 
-`Trainer` jit-compiles those steps once with explicit shardings over the device mesh (batch
-split on `data`, state replicated, state buffers donated); the loop around them loads data,
-logs, evaluates, checkpoints and handles preemption.
+`CompiledSteps` jit-compiles those steps once with explicit shardings over the device mesh (batch
+split on `data`, state replicated, state buffers donated); the loop around them loads data, logs,
+evaluates, checkpoints and handles preemption, with its bookkeeping in `resnet_jax.loop`.
 """
 
 from __future__ import annotations
@@ -12,73 +12,55 @@ import os
 import time
 from typing import Any
 
-import flax
 import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import checkpoint, data, metrics, models, optim, parallel, progress, sources, weights
+from resnet_jax import (
+    checkpoint,
+    data,
+    finetune,
+    inference,
+    loop,
+    metrics,
+    models,
+    optim,
+    parallel,
+    progress,
+    sources,
+    weights,
+    writers,
+)
 from resnet_jax import mixing as mixing_lib
 from resnet_jax.config_checks import ConfigError, check_config
-from resnet_jax.step import (  # noqa: F401  (re-exported: train.TrainState, train.train_step, ...)
-    TrainState,
-    cross_entropy,
-    eval_logits,
-    eval_step,
-    init_state,
-    join_micro_batches,
-    normalize,
-    rng_key,
-    soft_cross_entropy,
-    split_micro_batches,
-    state_from_variables,
-    train_step,
-    update_loss_scale,
-)
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> flax.linen.Module:
-    return models.create(
-        config.model,
-        num_classes,
-        dtype=config.dtype,
-        zero_init_residual=config.get("zero_init_residual", True),
-        bn_group_size=config.get("bn_group_size", 0),
-        activation=config.get("activation", "relu"),
-        drop_path_rate=config.get("drop_path_rate", 0.0),
-        dropout_rate=config.get("dropout_rate", 0.0),
-        frozen_norm=config.get("freeze_backbone", False),  # linear probing: BatchNorm stays as loaded
-    )
-
-
-def cadence(every: int, steps_per_epoch: int) -> int:
-    """Config cadences: 0 means once per epoch."""
-    return every if every > 0 else steps_per_epoch
+from resnet_jax.progress import log
+from resnet_jax.step import TrainState, eval_logits, init_state, rng_key, train_step
 
 
 def mixing_from_config(config: ml_collections.ConfigDict) -> mixing_lib.Mixing:
     return mixing_lib.Mixing(
-        mixup_alpha=config.get("mixup_alpha", 0.0),
-        cutmix_alpha=config.get("cutmix_alpha", 0.0),
-        switch_prob=config.get("mixup_switch_prob", 0.5),
-        prob=config.get("mixup_prob", 1.0),
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
+        switch_prob=config.mixup_switch_prob,
+        prob=config.mixup_prob,
     )
 
 
-class Trainer:
-    """Everything compiled and loaded for one run; `train_and_evaluate` drives it."""
+class CompiledSteps:
+    """A run's model, optimizer and schedule, and its init, train and eval steps jit-compiled over the
+    mesh: what `train.py`, the benchmark and the preflight run. `config` must be checked
+    (`check_config`); the dataset enters only through its `DatasetInfo`."""
 
-    def __init__(self, config: ml_collections.ConfigDict, dataset: data.Dataset, mesh: jax.sharding.Mesh):
-        self.config, self.dataset, self.mesh = config, dataset, mesh
-        info = dataset.info
-        self.eval_batch_size = config.get("eval_batch_size", 0) or config.batch_size
+    def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh):
+        self.config, self.info, self.mesh = config, info, mesh
+        self.eval_batch_size = config.eval_batch_size or config.batch_size
         try:
             parallel.check_batch_size(
                 "config.batch_size",
                 config.batch_size,
                 mesh,
-                grad_accum_steps=config.get("grad_accum_steps", 1),
-                bn_group_size=config.get("bn_group_size", 0),
+                grad_accum_steps=config.grad_accum_steps,
+                bn_group_size=config.bn_group_size,
             )
             parallel.check_batch_size("config.eval_batch_size", self.eval_batch_size, mesh)
         except ValueError as e:
@@ -89,14 +71,12 @@ class Trainer:
             if config.num_train_steps > 0
             else int(config.num_epochs * self.steps_per_epoch)
         )
-        self.model = create_model(config, info.num_classes)
+        self.model = models.create_model(config, info.num_classes)
         self.tx, self.schedule = optim.create(config, self.steps_per_epoch, self.total_steps)
-        if config.get("freeze_backbone", False):  # linear probing: only the classifier is updated
-            self.tx = weights.freeze_backbone(self.tx)
+        if config.freeze_backbone:  # linear probing: only the classifier is updated
+            self.tx = finetune.freeze_backbone(self.tx)
 
-        replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
-        self.batch_sharding = batch_sharding
-        stats = dict(mean=info.mean, std=info.std)
+        replicated, self.batch_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.loss_scaling = config.dtype == "float16"
         self.init = jax.jit(
             functools.partial(
@@ -104,8 +84,8 @@ class Trainer:
                 self.model,
                 self.tx,
                 info.image_shape,
-                ema=config.get("ema_decay", 0.0) > 0,
-                loss_scale=config.get("loss_scale_init", 2.0**15) if self.loss_scaling else 0.0,
+                ema=config.ema_decay > 0,
+                loss_scale=config.loss_scale_init if self.loss_scaling else 0.0,
             ),
             out_shardings=replicated,
         )
@@ -116,47 +96,28 @@ class Trainer:
                 tx=self.tx,
                 schedule=self.schedule,
                 label_smoothing=config.label_smoothing,
-                skip_nonfinite=config.get("skip_nonfinite_steps", False),
-                grad_accum_steps=config.get("grad_accum_steps", 1),
+                skip_nonfinite=config.skip_nonfinite_steps,
+                grad_accum_steps=config.grad_accum_steps,
                 mixing=mixing_from_config(config),
-                ema_decay=config.get("ema_decay", 0.0),
-                loss_scale_period=config.get("loss_scale_period", 2000),
+                ema_decay=config.ema_decay,
+                loss_scale_period=config.loss_scale_period,
                 seed=config.seed,
-                **stats,
+                mean=info.mean,
+                std=info.std,
             ),
-            in_shardings=(replicated, batch_sharding),
+            in_shardings=(replicated, self.batch_sharding),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         )
-        self.eval_step = jax.jit(
-            functools.partial(eval_step, model=self.model, **stats),
-            in_shardings=(replicated, batch_sharding),
-            out_shardings=replicated,
-        )
-
-    def evaluate(self, state: TrainState) -> metrics.EvalMetrics:
-        batches = data.eval_batches(
-            self.dataset,
-            global_batch_size=self.eval_batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        eval_state = state.for_eval()
-        return metrics.merge_all(
-            [
-                parallel.in_order(self.eval_step(eval_state, parallel.to_global(b, self.batch_sharding)))
-                for b in batches
-            ]
-        )
+        self.eval_step = inference.compile_eval_step(self.model, info, mesh)
 
 
-class NonFiniteError(RuntimeError):
-    """The loss or a gradient became inf/NaN; the message names the step and the last good checkpoint."""
-
-
-def first_nonfinite_step(window: list[tuple[int, metrics.TrainMetrics]]) -> int | None:
-    counts = jax.device_get([m.nonfinite_steps.total for _, m in window])
-    return next((step for (step, _), count in zip(window, counts, strict=True) if count), None)
+def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
+    """The config's dataset, normalised like the pretrained weights when fine-tuning."""
+    dataset = data.load(config)
+    if config.init_from:
+        dataset = finetune.with_pretrained_normalization(dataset, config.init_from, log)
+    return dataset
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -165,127 +126,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Returns the final state; on SIGTERM/SIGINT it saves, logs `preempted at step S, checkpoint
     saved` and returns the state of that step.
     """
-    check_config(config, workdir)
+    config = check_config(config, workdir)
     mesh = parallel.create_mesh()
-    dataset = data.load(config)
-    if config.get("init_from"):
-        dataset = weights.with_pretrained_normalization(dataset, config.init_from, log)
-    trainer = Trainer(config, dataset, mesh)
-    info = dataset.info
-    log(
-        f"{config.model} on {info.name}: {info.num_train} train / {info.num_eval} eval images "
-        f"{'x'.join(map(str, info.image_shape))}, {info.num_classes} classes; {parallel.describe(mesh)}"
-    )
-    log(
-        f"{trainer.total_steps} steps ({trainer.total_steps / trainer.steps_per_epoch:.1f} epochs of "
-        f"{trainer.steps_per_epoch}), global batch {config.batch_size}, "
-        f"{config.optimizer} lr {optim.learning_rate(config):g} ({config.lr_schedule}), "
-        f"weight decay {optim.weight_decay(config):g} ({optim.weight_decay_mode(config)}), {config.dtype}"
-    )
-    num_workers = data.resolve_workers(config.get("num_workers", 0), dataset)
+    dataset = load_dataset(config)
+    steps = CompiledSteps(config, dataset.info, mesh)
+    log_plan(config, steps, dataset.info, mesh)
     batches = data.train_loader(
         dataset,
         global_batch_size=config.batch_size,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        num_workers=num_workers,
+        num_workers=data.resolve_workers(config.num_workers, dataset),
     )
     if parallel.is_primary():
-        data.write_class_names(info, workdir)
-    checkpoints = checkpoint.Checkpoints(workdir, keep=config.get("keep_checkpoints", 3))
+        data.write_class_names(dataset.info, workdir)
+    checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     t0 = time.perf_counter()
-    state, start_step = restore_or_init(trainer, checkpoints, batches)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(f"{num_params:,} parameters, ready in {time.perf_counter() - t0:.1f}s")
+    state, start_step = restore_or_init(steps, checkpoints, batches)
+    log(f"{models.param_count(state.params):,} parameters, ready in {time.perf_counter() - t0:.1f}s")
     if parallel.is_primary():
-        overview_path, total_line = metrics.write_parameter_overview(state.params, workdir)
+        overview_path, total_line = writers.write_parameter_overview(state.params, workdir)
         log(f"parameter overview ({total_line}): {overview_path}")
 
-    writer = metrics.create_writer(workdir, enabled=parallel.is_primary())
+    total, steps_per_epoch = steps.total_steps, steps.steps_per_epoch
+    writer = writers.create_writer(workdir, enabled=parallel.is_primary())
     writer.write_hparams(config.to_dict())
     bar = progress.Progress(
-        trainer.total_steps,
+        total,
         start_step,
-        trainer.steps_per_epoch,
+        steps_per_epoch,
         config.batch_size,
-        mode=config.get("progress", "auto"),
+        mode=config.progress,
         enabled=parallel.is_primary(),
     )
-    profiler = progress.StepProfiler(config.get("profile_steps", ""), os.path.join(workdir, "profile"))
-    write_eval_images = eval_image_writer(trainer, config.get("eval_images", 8), writer)
-    log_every = cadence(config.log_every_steps, trainer.steps_per_epoch)
-    eval_every = cadence(config.eval_every_steps, trainer.steps_per_epoch)
-    save_every = cadence(config.checkpoint_every_steps, trainer.steps_per_epoch)
+    profiler = progress.StepProfiler(config.profile_steps, os.path.join(workdir, "profile"))
+    write_eval_images = eval_image_writer(steps, dataset, config.eval_images, writer)
+    log_cadence, eval_cadence, save_cadence = (
+        loop.Cadence.from_config(every, steps_per_epoch, total)
+        for every in (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
+    )
+    window = loop.ThroughputWindow(config.batch_size)
     # float16 overflows are expected: loss scaling skips those steps and adapts instead of stopping.
-    skip_nonfinite = config.get("skip_nonfinite_steps", False) or trainer.loss_scaling
+    guard = loop.NonFiniteGuard(enabled=not (config.skip_nonfinite_steps or steps.loss_scaling))
+    skipped = loop.SkippedImages(steps_per_epoch)
 
     def save(step: int, eval_scalars: dict[str, float] | None) -> None:
-        if not skip_nonfinite:
-            bad = first_nonfinite_step(unchecked)
-            if bad is not None:
-                checkpoints.wait()
-                saved = checkpoints.steps()
-                raise NonFiniteError(
-                    f"non-finite loss or gradient at step {bad}; the run stopped and this state was not "
-                    f"saved. Last good checkpoint: {f'step {saved[-1]}' if saved else 'none'} in "
-                    f"{checkpoints.directory}. Lower the learning rate, set config.grad_clip_norm, or "
-                    "set config.skip_nonfinite_steps=True"
-                )
-        unchecked.clear()
+        guard.check(checkpoints)
         checkpoints.save(
-            step, state, config=config, dataset_info=info, data_iterator=batches, eval_metrics=eval_scalars
+            step,
+            state,
+            config=config,
+            dataset_info=dataset.info,
+            data_iterator=batches,
+            eval_metrics=eval_scalars,
         )
 
-    pending: list[metrics.TrainMetrics] = []
-    unchecked: list[tuple[int, metrics.TrainMetrics]] = []
-    window_start, window_steps = time.perf_counter(), 0
-    step = start_step
-    skipped = 0  # unreadable files the loader passed over this epoch (folder datasets)
     try:
         with checkpoint.PreemptionWatcher() as preemption:
-            for step in range(start_step + 1, trainer.total_steps + 1):
+            for step in range(start_step + 1, total + 1):
                 local_batch = next(batches)
-                skipped += int(local_batch.pop("skipped", np.zeros(1)).sum())
-                batch = parallel.to_global(local_batch, trainer.batch_sharding, config.batch_size)
+                skipped.add(local_batch.pop("skipped", None))
+                batch = parallel.to_global(local_batch, steps.batch_sharding, config.batch_size)
                 profiler.before_step(step)
-                state, step_metrics = trainer.train_step(state, batch)
+                state, step_metrics = steps.train_step(state, batch)
                 bar.step(step)
                 if profiler.after_step(step, state):
                     log(f"profile of steps {profiler.start}-{step} written to {profiler.directory}")
-                pending.append(step_metrics)
-                unchecked.append((step, step_metrics))
-                window_steps += 1
+                window.add(step_metrics)
+                guard.add(step, step_metrics)
                 if step == start_step + 1:
                     jax.block_until_ready(state)
-                    log(f"step {step} done: compile + first step {time.perf_counter() - window_start:.1f}s")
-                    window_start, window_steps = time.perf_counter(), 0
-                last = step == trainer.total_steps
-                if skipped and (step % trainer.steps_per_epoch == 0 or last):
-                    epoch = step / trainer.steps_per_epoch
-                    metrics.warn(f"epoch {epoch:.0f}: skipped {skipped} unreadable image(s)")
-                    writer.write_scalars(step, {"train_skipped_images": skipped})
-                    skipped = 0
-                if step % log_every == 0 or last:
-                    scalars = metrics.summarize(metrics.merge_all(pending), "train")
-                    elapsed = time.perf_counter() - window_start
-                    if window_steps:
-                        scalars["steps_per_sec"] = window_steps / elapsed
-                        scalars["images_per_sec"] = window_steps * config.batch_size / elapsed
+                    log(f"step {step} done: compile + first step {window.restart_clock():.1f}s")
+                last = step == total
+                if count := skipped.take(step, last):
+                    progress.warn(f"epoch {step / steps_per_epoch:.0f}: skipped {count} unreadable image(s)")
+                    writer.write_scalars(step, {"train_skipped_images": count})
+                if log_cadence.due(step):
+                    scalars = window.summary()
                     writer.write_scalars(step, scalars)
-                    line = format_train_line(step, trainer.total_steps, trainer.steps_per_epoch, scalars)
-                    log(line + bar.eta_text(step))
-                    pending, window_start, window_steps = [], time.perf_counter(), 0
+                    log(format_train_line(step, total, steps_per_epoch, scalars) + bar.eta_text(step))
                 eval_scalars = None
-                if step % eval_every == 0 or last:
+                if eval_cadence.due(step):
                     eval_start = time.perf_counter()
                     bar.pause()
-                    eval_scalars = evaluate_and_log(trainer, state, step, last)
+                    eval_scalars = evaluate_and_log(steps, dataset, state, step, last)
                     writer.write_scalars(step, eval_scalars)
                     write_eval_images(state, step)
                     bar.resume()
-                    window_start += time.perf_counter() - eval_start
-                if step % save_every == 0 or last:
+                    window.exclude(time.perf_counter() - eval_start)
+                if save_cadence.due(step):
                     save(step, eval_scalars)
                 if not last and preemption.should_stop(step):
                     save(step, None)
@@ -298,37 +228,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         profiler.stop()
         writer.close()
         batches.close()  # stops grain's worker processes and frees their shared memory
-    if start_step >= trainer.total_steps:
-        log(f"already trained to step {start_step} of {trainer.total_steps}")
-        evaluate_and_log(trainer, state, start_step, True)
+    if start_step >= total:
+        log(f"already trained to step {start_step} of {total}")
+        evaluate_and_log(steps, dataset, state, start_step, True)
     return state
 
 
+def log_plan(
+    config: ml_collections.ConfigDict, steps: CompiledSteps, info: data.DatasetInfo, mesh: jax.sharding.Mesh
+) -> None:
+    log(
+        f"{config.model} on {info.name}: {info.num_train} train / {info.num_eval} eval images "
+        f"{'x'.join(map(str, info.image_shape))}, {info.num_classes} classes; {parallel.describe(mesh)}"
+    )
+    log(
+        f"{steps.total_steps} steps ({steps.total_steps / steps.steps_per_epoch:.1f} epochs of "
+        f"{steps.steps_per_epoch}), global batch {config.batch_size}, "
+        f"{config.optimizer} lr {optim.learning_rate(config):g} ({config.lr_schedule}), "
+        f"weight decay {optim.weight_decay(config):g} ({optim.weight_decay_mode(config)}), {config.dtype}"
+    )
+
+
 def restore_or_init(
-    trainer: Trainer, checkpoints: checkpoint.Checkpoints, batches: Any
+    steps: CompiledSteps, checkpoints: checkpoint.Checkpoints, batches: Any
 ) -> tuple[TrainState, int]:
     """The latest good checkpoint of the workdir (checked against the config), or a fresh state."""
-    key = rng_key(trainer.config.seed)
-    abstract = checkpoint.with_sharding(jax.eval_shape(trainer.init, key), parallel.replicated(trainer.mesh))
-    restored = checkpoints.restore_latest(abstract, batches, trainer.config)
+    config = steps.config
+    key = rng_key(config.seed)
+    abstract = checkpoint.with_sharding(jax.eval_shape(steps.init, key), parallel.replicated(steps.mesh))
+    restored = checkpoints.restore_latest(abstract, batches, config)
     if restored is None:
-        state = trainer.init(key)
-        if trainer.config.get("init_from"):  # fine-tuning; a checkpoint of this workdir takes precedence
-            state = weights.start_from_pretrained(
-                state, trainer.config.init_from, trainer.config.model, trainer.tx, log
-            )
+        state = steps.init(key)
+        if config.init_from:  # fine-tuning; a checkpoint of this workdir takes precedence
+            state = finetune.start_from_pretrained(state, config.init_from, config.model, steps.tx, log)
         return state, 0
     step, items = restored
-    changes = checkpoint.check_compatible(items["config"], trainer.config, step, checkpoints.directory)
+    changes = checkpoint.check_compatible(items["config"], config, step, checkpoints.directory)
     log(f"resumed from the checkpoint of step {step} in {checkpoints.directory}")
     for change in changes:
         log(f"  config changed since that checkpoint: {change}")
     return items["state"], step
 
 
-def evaluate_and_log(trainer: Trainer, state: TrainState, step: int, final: bool) -> dict[str, float]:
+def evaluate_and_log(
+    steps: CompiledSteps, dataset: data.Dataset, state: TrainState, step: int, final: bool
+) -> dict[str, float]:
     start = time.perf_counter()
-    result = trainer.evaluate(state)
+    result = inference.evaluate(
+        steps.eval_step, state, dataset, batch_size=steps.eval_batch_size, mesh=steps.mesh
+    )
     scalars = metrics.summarize(result, "eval")
     count = int(result.accuracy.count)
     log(
@@ -339,22 +287,24 @@ def evaluate_and_log(trainer: Trainer, state: TrainState, step: int, final: bool
     return scalars
 
 
-def eval_image_writer(trainer: Trainer, count: int, writer: metrics.MultiWriter) -> Any:
+def eval_image_writer(
+    steps: CompiledSteps, dataset: data.Dataset, count: int, writer: writers.MultiWriter
+) -> Any:
     """`write(state, step)`: the first `count` eval images with their predicted and true labels, as
     one captioned grid (TensorBoard tag `eval_predictions`). Every process predicts (the state is
     global); process 0 writes. count 0: nothing."""
     if count <= 0:
         return lambda state, step: None
-    batch = next(data.eval_batches(trainer.dataset, global_batch_size=count))
+    batch = next(data.eval_batches(dataset, global_batch_size=count))
     keep = batch["mask"] > 0
     images, labels = batch["image"][keep], batch["label"][keep]
-    info = trainer.dataset.info
-    logits = functools.partial(eval_logits, model=trainer.model, mean=info.mean, std=info.std)
+    info = dataset.info
+    logits = functools.partial(eval_logits, model=steps.model, mean=info.mean, std=info.std)
     predict = jax.jit(lambda state, images: logits(state, images).argmax(-1))
 
     def write(state: TrainState, step: int) -> None:
         predicted = np.asarray(jax.device_get(predict(state.for_eval(), images)))
-        grid = metrics.prediction_grid(images, labels.tolist(), predicted.tolist(), info.class_names)
+        grid = writers.prediction_grid(images, labels.tolist(), predicted.tolist(), info.class_names)
         writer.write_images(step, {"eval_predictions": grid})
 
     return write
@@ -370,12 +320,11 @@ def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict
     return line
 
 
-log = metrics.log
 # Errors whose message is the whole story: the CLI prints them without a traceback.
 USER_ERRORS = (
     ConfigError,
     sources.DatasetError,
     checkpoint.CheckpointError,
-    NonFiniteError,
+    loop.NonFiniteError,
     weights.WeightsError,
 )

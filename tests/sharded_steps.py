@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import digits  # noqa: E402
-from resnet_jax import data, parallel, train  # noqa: E402
+from resnet_jax import data, models, parallel, train  # noqa: E402
 from resnet_jax.config_checks import ConfigError  # noqa: E402
+from resnet_jax.step import TrainState, cross_entropy, normalize  # noqa: E402
 
 STEPS = 3
 # Each device's share holds whole BatchNorm groups of 4 and splits into 2 micro-batches.
@@ -67,20 +68,18 @@ def fixed_batches(dataset):
 def initial_state():
     """One init for every run (on CPU it compiles slower than the train step), as host arrays."""
     config = make_config()
-    trainer = train.Trainer(config, data.load(config), parallel.create_mesh(jax.devices()[:1]))
-    return jax.device_get(trainer.init(jax.random.key(0)))
+    steps = train.CompiledSteps(config, data.load(config).info, parallel.create_mesh(jax.devices()[:1]))
+    return jax.device_get(steps.init(jax.random.key(0)))
 
 
 def sharded_run(config, devices, state):
     """`Trainer`'s jitted step, as `train_and_evaluate` runs it, on a mesh of `devices`."""
     dataset = data.load(config)
-    trainer = train.Trainer(config, dataset, parallel.create_mesh(devices))
-    state = parallel.replicate(state, trainer.mesh)
+    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh(devices))
+    state = jax.device_put(state, parallel.replicated(steps.mesh))
     losses = []
     for batch in fixed_batches(dataset):
-        state, step_metrics = trainer.train_step(
-            state, parallel.to_global(batch, trainer.batch_sharding, BATCH)
-        )
+        state, step_metrics = steps.train_step(state, parallel.to_global(batch, steps.batch_sharding, BATCH))
         losses.append(step_metrics.loss.compute())
     return state, losses
 
@@ -90,7 +89,7 @@ def loss_and_grads(model, params, batch_stats, images, labels):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
         )
-        return train.cross_entropy(logits, labels).mean(), updates["batch_stats"]
+        return cross_entropy(logits, labels).mean(), updates["batch_stats"]
 
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -116,16 +115,16 @@ def reference_run(config, state, batch_gradient, **options):
     """The optimizer steps on one device, with the loss, gradient and batch_stats of `batch_gradient`."""
     plain = make_config()  # global BatchNorm, no accumulation: the model every group / micro-batch sees
     dataset = data.load(plain)
-    trainer = train.Trainer(config, dataset, parallel.create_mesh(jax.devices()[:1]))
-    model = train.create_model(plain, dataset.info.num_classes)
+    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh(jax.devices()[:1]))
+    model = models.create_model(plain, dataset.info.num_classes)
 
     @jax.jit
     def step(state, batch):
-        images = train.normalize(batch["image"], dataset.info.mean, dataset.info.std)
+        images = normalize(batch["image"], dataset.info.mean, dataset.info.std)
         (loss, batch_stats), grads = batch_gradient(model, state, images, batch["label"], **options)
-        updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = steps.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return train.TrainState(state.step + 1, params, batch_stats, opt_state), loss
+        return TrainState(state.step + 1, params, batch_stats, opt_state), loss
 
     losses = []
     for batch in fixed_batches(dataset):
@@ -154,7 +153,7 @@ def assert_same(name, got, want):
 
 def assert_config_error(config, message):
     try:
-        train.Trainer(config, data.load(config), parallel.create_mesh())
+        train.CompiledSteps(config, data.load(config).info, parallel.create_mesh())
     except ConfigError as e:
         assert message in str(e), str(e)
     else:

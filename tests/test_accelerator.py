@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import models, train
+from resnet_jax import models
+from resnet_jax.step import cross_entropy, normalize
 from tests.conftest import ROOT, fixed_digits_batch, run_script
 
 
@@ -48,7 +49,7 @@ def test_bfloat16_logits_and_loss_track_float32():
     convolutions, so it gets its own, looser-than-float32 bound; bfloat16 compute gets ~1e-2.
     """
     info, batch = fixed_digits_batch(size=64, image_size=12)
-    images = train.normalize(batch["image"], info.mean, info.std)
+    images = normalize(batch["image"], info.mean, info.std)
     reference_model = models.create("resnet20", info.num_classes, zero_init_residual=False)
     variables = jax.jit(functools.partial(reference_model.init, train=False))(jax.random.key(0), images[:1])
     # Running statistics of real activations rather than init's zeros and ones.
@@ -63,7 +64,7 @@ def test_bfloat16_logits_and_loss_track_float32():
         with context:
             logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
         assert logits.dtype == np.float32  # the head's output is float32 whatever the compute dtype
-        return logits, train.cross_entropy(logits, batch["label"]).mean()
+        return logits, cross_entropy(logits, batch["label"]).mean()
 
     exact_logits, exact_loss = logits_and_loss("float32", "highest")
     assert np.isfinite(exact_logits).all() and float(np.abs(exact_logits).max()) > 0.1

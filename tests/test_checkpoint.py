@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import checkpoint, data, inference, train
+from resnet_jax import checkpoint, data, inference, loop, train
 from tests.conftest import ROOT, digits_config, run_script, xla_flags_with
 
 STEPS = 60
@@ -253,7 +253,7 @@ def test_non_finite_loss_stops_the_run_without_saving_the_bad_state(tmp_path):
         checkpoint_every_steps=1,
         log_every_steps=100,
     )
-    with pytest.raises(train.NonFiniteError) as err:
+    with pytest.raises(loop.NonFiniteError) as err:
         train.train_and_evaluate(config, str(tmp_path))
     message = str(err.value)
     bad_step = int(message.split("at step ")[1].split(";")[0])

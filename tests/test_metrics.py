@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_jax import metrics, progress, train
+from resnet_jax import metrics, progress, train, writers
 from tests.conftest import digits_config, run_script
 
 STEPS = 6
@@ -160,18 +160,18 @@ def test_top5_accuracy_counts_only_unmasked_examples():
 
 
 def test_writers_write_nothing_on_other_processes_and_flatten_configs(tmp_path):
-    writer = metrics.create_writer(str(tmp_path), enabled=False)
+    writer = writers.create_writer(str(tmp_path), enabled=False)
     writer.write_scalars(1, {"train_loss": 1.0})
     writer.write_hparams({"a": {"b": None}})
     writer.close()
     assert not list(tmp_path.iterdir())
-    flat = metrics.flatten({"model": "resnet20", "lr": 0.1, "nested": {"k": 3, "none": None, "t": (1, 2)}})
+    flat = writers.flatten({"model": "resnet20", "lr": 0.1, "nested": {"k": 3, "none": None, "t": (1, 2)}})
     expected = {"model": "resnet20", "lr": 0.1, "nested.k": 3, "nested.none": "None", "nested.t": "(1, 2)"}
     assert flat == expected
 
 
 def test_multi_writer_sends_every_call_to_each_writer(tmp_path, capsys):
-    writer = metrics.create_writer(str(tmp_path), stdout=True)
+    writer = writers.create_writer(str(tmp_path), stdout=True)
     writer.write_hparams({"model": "resnet20"})
     writer.write_scalars(5, {"train_loss": np.float32(0.5), "learning_rate": 0.1})
     writer.write_images(5, {"eval_predictions": np.zeros((4, 4, 3), np.uint8)})
@@ -189,7 +189,7 @@ def test_multi_writer_sends_every_call_to_each_writer(tmp_path, capsys):
 
 def test_prediction_grid_tiles_images_with_captions():
     images = np.full((5, 8, 8, 1), 255, np.uint8)
-    grid = metrics.prediction_grid(images, [0, 1, 2, 3, 4], [0, 1, 0, 3, 4], [str(i) for i in range(5)])
+    grid = writers.prediction_grid(images, [0, 1, 2, 3, 4], [0, 1, 0, 3, 4], [str(i) for i in range(5)])
     assert grid.shape == (2 * (64 + 14), 4 * 64, 3) and grid.dtype == np.uint8
     caption = grid[64 : 64 + 14, 2 * 64 : 3 * 64]  # the third image was predicted wrong: red text
     assert ((caption[..., 0] > 150) & (caption[..., 1] < 80)).any()

@@ -24,6 +24,7 @@ import pytest
 
 from resnet_jax import data, models, parallel, train
 from resnet_jax.config_checks import ConfigError, check_config
+from resnet_jax.step import init_state, join_micro_batches, split_micro_batches, train_step
 from tests.conftest import ROOT, digits_config, run_script
 
 
@@ -113,10 +114,10 @@ def test_models_create_rejects_bad_bn_group_sizes(options, message):
 
 def test_micro_batches_are_strided_and_join_back_in_order():
     x = jnp.arange(12).reshape(12, 1)
-    split = train.split_micro_batches(x, 3)
+    split = split_micro_batches(x, 3)
     assert split.shape == (3, 4, 1)
     assert split[1, :, 0].tolist() == [1, 4, 7, 10]  # each device's rows stay on that device
-    assert (train.join_micro_batches(split) == x).all()
+    assert (join_micro_batches(split) == x).all()
 
 
 def test_grad_accumulation_without_batch_norm_equals_one_big_batch():
@@ -127,13 +128,13 @@ def test_grad_accumulation_without_batch_norm_equals_one_big_batch():
         {"image": rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), "label": rng.integers(0, 10, 16)}
         for _ in range(2)
     ]
-    init = jax.jit(functools.partial(train.init_state, model, tx, (8, 8, 1)))
+    init = jax.jit(functools.partial(init_state, model, tx, (8, 8, 1)))
     initial = jax.device_get(init(jax.random.key(0, impl="rbg")))
 
     def run(grad_accum_steps):
         step = jax.jit(
             functools.partial(
-                train.train_step,
+                train_step,
                 model=model,
                 tx=tx,
                 schedule=optax.constant_schedule(0.05),
@@ -222,7 +223,7 @@ def test_trainer_rejects_a_batch_that_does_not_split_into_micro_batches():
     with pytest.raises(
         ConfigError, match="config.batch_size=30 does not divide over 1 device x grad_accum_steps=4"
     ):
-        train.Trainer(config, data.load(config), parallel.create_mesh(jax.devices()[:1]))
+        train.CompiledSteps(config, data.load(config).info, parallel.create_mesh(jax.devices()[:1]))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 
 from resnet_jax import checkpoint, data, mixing, models, optim, parallel, train
 from resnet_jax.config_checks import check_config
+from resnet_jax.step import TrainState, rng_key, state_from_variables, train_step, update_loss_scale
 from tests.conftest import digits_config, fixed_digits_batch, tiny_resnet
 
 
@@ -76,10 +77,8 @@ def tiny_setup():
 def make_step(model, setup, config, **options):
     info, _, variables = setup
     tx, schedule = optim.create(config, steps_per_epoch=10, total_steps=10)
-    state = train.state_from_variables(variables, tx, **options)
-    step = functools.partial(
-        train.train_step, model=model, tx=tx, schedule=schedule, mean=info.mean, std=info.std
-    )
+    state = state_from_variables(variables, tx, **options)
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, mean=info.mean, std=info.std)
     return state, step
 
 
@@ -110,7 +109,7 @@ def test_ema_moves_by_the_decay_formula_and_evaluation_uses_it(tiny_setup):
     assert max(jax.tree.leaves(moved)) > 0
     evaluated = state.for_eval()
     assert evaluated.params is state.ema["params"] and evaluated.batch_stats is state.ema["batch_stats"]
-    plain = train.TrainState(state.step, state.params, state.batch_stats, state.opt_state)
+    plain = TrainState(state.step, state.params, state.batch_stats, state.opt_state)
     assert plain.for_eval() is plain
 
 
@@ -186,7 +185,7 @@ def test_float16_loss_scaling_skips_overflows_and_recovers(tiny_setup):
 def test_loss_scale_doubles_after_a_period_of_finite_steps():
     scale = {"scale": jnp.float32(8.0), "good_steps": jnp.int32(0)}
     for finite, expected in ((True, 8.0), (True, 8.0), (True, 16.0), (False, 8.0), (True, 8.0)):
-        scale = train.update_loss_scale(scale, jnp.bool_(finite), period=3)
+        scale = update_loss_scale(scale, jnp.bool_(finite), period=3)
         assert float(scale["scale"]) == expected
 
 
@@ -285,8 +284,8 @@ def test_reference_config_builds_and_runs_with_its_schedule(name):
     small.dataset, small.batch_size, small.num_train_steps = "synthetic", 8, 3
     small.image_size, small.model = 8, "resnet20"
     dataset = data.load(small)
-    trainer = train.Trainer(small, dataset, parallel.create_mesh())
-    state = trainer.init(train.rng_key(0))
+    steps = train.CompiledSteps(small, dataset.info, parallel.create_mesh())
+    state = steps.init(rng_key(0))
     assert bool(state.ema) == (config.ema_decay > 0)
     rng = np.random.default_rng(0)
     for step in range(3):
@@ -294,10 +293,10 @@ def test_reference_config_builds_and_runs_with_its_schedule(name):
             "image": rng.integers(0, 256, (8, *dataset.info.image_shape), dtype=np.uint8),
             "label": rng.integers(0, dataset.info.num_classes, 8).astype(np.int32),
         }
-        state, step_metrics = trainer.train_step(state, parallel.to_global(batch, trainer.batch_sharding))
+        state, step_metrics = steps.train_step(state, parallel.to_global(batch, steps.batch_sharding))
         result = step_metrics.compute()
         assert np.isfinite(float(result["loss"]))
-        assert float(result["learning_rate"]) == pytest.approx(float(trainer.schedule(step)), rel=1e-6)
+        assert float(result["learning_rate"]) == pytest.approx(float(steps.schedule(step)), rel=1e-6)
     assert int(state.step) == 3
 
 

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from resnet_jax import augment, data, sources, train
+from resnet_jax.config_checks import ConfigError, check_config
 from tests.conftest import ROOT, digits_config, run_script
 
 
@@ -262,8 +263,8 @@ def test_auto_augmentation_by_dataset_and_size():
     assert augment.choose("auto", "cifar10", 32, 32) == "cifar"
     assert augment.choose("auto", "imagenet2012", None, 224) == "imagenet"
     assert augment.choose("none", "cifar10", 32, 32) == "none"
-    with pytest.raises(ValueError, match="augment='crop'"):
-        augment.choose("crop", "cifar10", 32, 32)
+    with pytest.raises(ConfigError, match="config.augment='crop' is not valid; choose one of: auto, "):
+        check_config(digits_config(augment="crop"))  # validated with the config, before any data
 
 
 SAME_BATCHES_SCRIPT = """

@@ -6,30 +6,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import data, models, parallel, train
+from resnet_jax import data, inference, models, parallel, train
+from resnet_jax.step import cross_entropy
 from tests.conftest import digits_config
 
-
-@pytest.fixture(scope="module")
-def trainer():
-    config = digits_config(
-        batch_size=32, num_train_steps=30, warmup_epochs=0.0, lr_schedule="constant", label_smoothing=0.0
-    )
-    return train.Trainer(config, data.load(config), parallel.create_mesh())
+CONFIG = dict(
+    batch_size=32, num_train_steps=30, warmup_epochs=0.0, lr_schedule="constant", label_smoothing=0.0
+)
 
 
 @pytest.fixture(scope="module")
-def fixed_batch(trainer):
-    images = np.stack([trainer.dataset.train_source[i]["image"] for i in range(32)])
-    labels = np.array([trainer.dataset.train_source[i]["label"] for i in range(32)])
+def dataset():
+    return data.load(digits_config(**CONFIG))
+
+
+@pytest.fixture(scope="module")
+def steps(dataset):
+    return train.CompiledSteps(digits_config(**CONFIG), dataset.info, parallel.create_mesh())
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(dataset):
+    images = np.stack([dataset.train_source[i]["image"] for i in range(32)])
+    labels = np.array([dataset.train_source[i]["label"] for i in range(32)])
     return {"image": images, "label": labels}
 
 
-def test_jit_train_step_lowers_the_loss_on_a_fixed_batch(trainer, fixed_batch):
-    state = trainer.init(jax.random.key(0))
+def test_jit_train_step_lowers_the_loss_on_a_fixed_batch(steps, fixed_batch):
+    state = steps.init(jax.random.key(0))
     losses = []
     for _ in range(30):
-        state, m = trainer.train_step(state, parallel.to_global(fixed_batch, trainer.batch_sharding))
+        state, m = steps.train_step(state, parallel.to_global(fixed_batch, steps.batch_sharding))
         losses.append(float(m.loss.compute()))
     assert int(state.step) == 30
     # Zero-initialised residual branches make the first steps slow; 30 steps at lr 0.1 halve the loss.
@@ -37,17 +44,18 @@ def test_jit_train_step_lowers_the_loss_on_a_fixed_batch(trainer, fixed_batch):
     assert losses[-1] < losses[len(losses) // 2] < losses[0], losses
 
 
-def test_train_step_donates_the_state(trainer, fixed_batch):
-    state = trainer.init(jax.random.key(0))
+def test_train_step_donates_the_state(steps, fixed_batch):
+    state = steps.init(jax.random.key(0))
     old_leaf = jax.tree.leaves(state.params)[0]
-    trainer.train_step(state, parallel.to_global(fixed_batch, trainer.batch_sharding))
+    steps.train_step(state, parallel.to_global(fixed_batch, steps.batch_sharding))
     assert old_leaf.is_deleted()
 
 
-def test_eval_step_counts_every_unmasked_example_once(trainer):
-    state = trainer.init(jax.random.key(0))
-    result = trainer.evaluate(state)  # 360 eval images in batches of 32: the last one is padded
-    assert int(result.accuracy.count) == trainer.dataset.info.num_eval == 360
+def test_eval_step_counts_every_unmasked_example_once(steps, dataset):
+    state = steps.init(jax.random.key(0))
+    # 360 eval images in batches of 32: the last one is padded
+    result = inference.evaluate(steps.eval_step, state, dataset, batch_size=32, mesh=steps.mesh)
+    assert int(result.accuracy.count) == dataset.info.num_eval == 360
     assert 0.0 <= float(result.accuracy.compute()) <= 1.0
 
 
@@ -55,10 +63,10 @@ def test_cross_entropy_with_label_smoothing_matches_its_formula():
     logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
     labels = jnp.array([0, 2])
     log_p = jax.nn.log_softmax(logits)
-    plain = train.cross_entropy(logits, labels)
+    plain = cross_entropy(logits, labels)
     np.testing.assert_allclose(plain, -log_p[jnp.arange(2), labels], rtol=1e-6)
     eps = 0.3
-    smoothed = train.cross_entropy(logits, labels, eps)
+    smoothed = cross_entropy(logits, labels, eps)
     targets = jax.nn.one_hot(labels, 3) * (1 - eps) + eps / 3
     np.testing.assert_allclose(smoothed, -(targets * log_p).sum(-1), rtol=1e-6)
     # Smoothing penalises confident correct predictions: the loss goes up for them.
@@ -81,7 +89,7 @@ def test_autodiff_gradient_matches_finite_differences():
                 train=True,
                 mutable=["batch_stats"],
             )[0]
-            return train.cross_entropy(logits.astype(jnp.float64), labels).mean()
+            return cross_entropy(logits.astype(jnp.float64), labels).mean()
 
         params = variables["params"]
         grads = jax.grad(loss)(params)

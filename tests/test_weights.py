@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import convert, models, weights
+from resnet_jax import convert, finetune, models, weights
+from resnet_jax.step import normalize
 from tests.make_torch_reference import (
     ARCHITECTURES,
     DATA,
@@ -210,12 +211,12 @@ def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_pat
 
     config = make_digits_config(num_train_steps=2, freeze_backbone=True)
     dataset = data.load(config)
-    trainer = train.Trainer(config, dataset, parallel.create_mesh())
+    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh())
 
     def start(init_from):
-        trainer.config.init_from = str(tmp_path / init_from)
+        steps.config.init_from = str(tmp_path / init_from)
         workdir = tmp_path / f"run_{init_from}"
-        state, step = train.restore_or_init(trainer, checkpoint.Checkpoints(str(workdir)), None)
+        state, step = train.restore_or_init(steps, checkpoint.Checkpoints(str(workdir)), None)
         assert step == 0
         return state
 
@@ -238,8 +239,8 @@ def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_pat
     # Linear probing (freeze_backbone): two steps change the head only, BatchNorm statistics included.
     batches = data.train_loader(dataset, global_batch_size=config.batch_size, seed=0)
     for _ in range(2):
-        batch = parallel.to_global(next(batches), trainer.batch_sharding, config.batch_size)
-        state = trainer.train_step(state, batch)[0]
+        batch = parallel.to_global(next(batches), steps.batch_sharding, config.batch_size)
+        state = steps.train_step(state, batch)[0]
     batches.close()
     assert_backbone_equal(pretrained["params"], state.params)
     assert_backbone_equal(pretrained["batch_stats"], state.batch_stats)
@@ -247,7 +248,7 @@ def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_pat
     # The data is normalised like the pretrained weights' data (saved beside them), and a missing
     # init_from fails here, before train_and_evaluate compiles anything.
     logged = []
-    normalised = weights.with_pretrained_normalization(dataset, str(tmp_path / "pre7"), logged.append)
+    normalised = finetune.with_pretrained_normalization(dataset, str(tmp_path / "pre7"), logged.append)
     assert (
         (normalised.info.mean, normalised.info.std)
         == ((0.0,), (1.0,))
@@ -255,7 +256,7 @@ def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_pat
     )
     assert "normalising inputs like the pretrained weights" in logged[0]
     with pytest.raises(weights.WeightsError, match="config.init_from=.*no checkpoint"):
-        weights.with_pretrained_normalization(dataset, str(tmp_path / "missing"), logged.append)
+        finetune.with_pretrained_normalization(dataset, str(tmp_path / "missing"), logged.append)
 
 
 @pytest.mark.parametrize("height,width", [(375, 500), (427, 640), (500, 333), (256, 256), (301, 300)])
@@ -264,7 +265,7 @@ def test_eval_preprocessing_is_torchvisions(height, width):
     even), ToTensor + Normalize(ImageNet mean/std): torchvision's documented arithmetic, written out."""
     from PIL import Image
 
-    from resnet_jax import augment, train
+    from resnet_jax import augment
 
     image = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
     short, long = sorted((height, width))
@@ -276,5 +277,5 @@ def test_eval_preprocessing_is_torchvisions(height, width):
     ours = augment.resize_shorter_and_center_crop(image, 224, augment.IMAGENET_EVAL_CROP)
     np.testing.assert_array_equal(ours, expected)
     tensor = (expected / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    normalized = train.normalize(jnp.asarray(ours), weights.IMAGENET_MEAN, weights.IMAGENET_STD)
+    normalized = normalize(jnp.asarray(ours), weights.IMAGENET_MEAN, weights.IMAGENET_STD)
     np.testing.assert_allclose(normalized, tensor, rtol=0, atol=1e-5)

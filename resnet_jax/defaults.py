@@ -1,0 +1,107 @@
+"""Every config key with its default: ResNet-50 on ImageNet with the Goyal et al. (2017) SGD recipe.
+
+`config_checks.check_config` completes any config from these defaults and rejects keys that are
+not here, so this is the one list of keys. `configs/default.py` is this config; the other files in
+`configs/` start from it and change a few fields. Every key can be overridden on the command line:
+`--config.batch_size=128`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Model: a registry name (python -c "from resnet_jax import models; print(models.names())").
+    config.model = "resnet50"
+    config.dtype = "float32"  # compute dtype; params stay float32
+    config.zero_init_residual = True  # last BatchNorm scale of each residual branch starts at 0
+    config.activation = "relu"  # relu | tanh | sigmoid
+    # Fine-tuning: start from the weights in this directory (`python -m resnet_jax.convert` output or a
+    # training workdir) when the workdir has no checkpoint yet; a classifier of another size starts fresh.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+    config.freeze_backbone = False  # linear probing: only fc learns; BatchNorm keeps its loaded statistics
+
+    # Data: digits | synthetic | tfds:NAME | folder:PATH. Classes and image shape come from the data.
+    config.dataset = "tfds:imagenet2012"
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data dir (None: tfds default)
+    config.image_size = 224
+    config.augment = "auto"  # auto | cifar | imagenet | shift | none (auto: by dataset and image size)
+    config.train_split = "train"  # tfds split names
+    config.eval_split = "auto"  # auto: validation if the dataset has one, else test
+    config.folder_eval_fraction = 0.1  # folder: without train/ and val/, this share of each class is eval
+    config.num_workers = -1  # grain worker processes per host; -1: 0 for in-memory data, else one per core
+    config.batch_size = 256  # global, over all devices and hosts
+    config.eval_batch_size = 0  # 0: same as batch_size
+    # Micro-batches per step (gradients averaged, one optimizer update): batch_size // k examples
+    # go through the model at a time. BatchNorm normalises each micro-batch on its own.
+    config.grad_accum_steps = 1
+    # BatchNorm statistics in training: 0 = over the whole (micro-)batch on all devices ("sync BN");
+    # k = over groups of k examples, like per-device BN in pmap codes (k must divide each device's share).
+    config.bn_group_size = 0
+
+    # Length: num_train_steps > 0 overrides num_epochs.
+    config.num_epochs = 90.0
+    config.num_train_steps = -1
+
+    # Optimisation (resnet_jax/optim.py): sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
+    # | lars | lamb. learning_rate and weight_decay left at None take the optimizer's defaults
+    # (optim.DEFAULT_LEARNING_RATES / DEFAULT_WEIGHT_DECAYS; nesterov: 0.1 and 1e-4). The learning
+    # rate is for the global batch.
+    config.optimizer = "nesterov"
+    config.learning_rate = ml_collections.config_dict.placeholder(float)
+    config.momentum = 0.9  # momentum, nesterov, lars
+    config.b1 = 0.9  # adam, adamw, lamb
+    config.b2 = 0.999
+    config.eps = ml_collections.config_dict.placeholder(float)  # None: the optimizer's own
+    config.rmsprop_decay = 0.9
+    config.adagrad_initial_accumulator = 0.1
+    config.trust_coefficient = ml_collections.config_dict.placeholder(float)  # lars 1e-3, lamb 1.0
+    config.weight_decay = ml_collections.config_dict.placeholder(float)
+    config.weight_decay_mode = "auto"  # coupled (L2) | decoupled | auto (decoupled for adamw/lars/lamb)
+    config.weight_decay_mask = "kernels"  # kernels (conv and dense) | all
+    config.grad_clip_norm = 0.0  # 0: no clipping
+
+    # Schedule: constant | step | cosine | linear | polynomial | onecycle, after a warmup.
+    config.lr_schedule = "cosine"
+    config.warmup_epochs = 5.0  # clipped to the run's length
+    config.warmup_style = "linear"  # linear: from warmup_factor x lr up to lr; constant: at it
+    config.warmup_factor = 0.0
+    config.lr_end_factor = 0.0  # cosine/linear/polynomial end at this x lr
+    config.lr_step_epochs = (30, 60, 80)  # step: multiply by lr_decay_factor at these epochs
+    config.lr_decay_factor = 0.1
+    config.lr_power = 2.0  # polynomial
+
+    # Regularisation.
+    config.label_smoothing = 0.0
+    config.mixup_alpha = 0.0  # > 0: mixup with lambda ~ Beta(alpha, alpha)
+    config.cutmix_alpha = 0.0  # > 0: cutmix; with both, one of the two per batch
+    config.mixup_switch_prob = 0.5  # with both: probability of cutmix
+    config.mixup_prob = 1.0  # probability that a batch is mixed at all
+    config.ema_decay = 0.0  # > 0: keep an EMA of params and BatchNorm statistics; evaluate it
+    config.drop_path_rate = 0.0  # stochastic depth, rising linearly to this over the blocks
+    config.dropout_rate = 0.0  # before the classifier
+
+    # Mixed precision: dtype float16 adds dynamic loss scaling (halve on overflow and skip the step,
+    # double after loss_scale_period good steps).
+    config.loss_scale_init = 2.0**15
+    config.loss_scale_period = 2000
+
+    config.seed = 0  # init, data order and augmentation
+
+    # Cadence in steps; 0 = once per epoch.
+    config.log_every_steps = 100
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 0
+    config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
+    config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
+
+    # Watching a run (README "Watching a run"): progress = auto (a bar on a terminal, else lines) | bar |
+    # lines; eval_images = eval images with predicted labels in TensorBoard after each eval (0: none);
+    # profile_steps = "START:END" writes a jax.profiler trace of those steps to WORKDIR/profile ("": off).
+    config.progress = "auto"
+    config.eval_images = 8
+    config.profile_steps = ""
+
+    # JAX's persistent compilation cache: None = ~/.cache/resnet_jax/jax_cache, '' = off.
+    config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+    return config
