@@ -33,10 +33,32 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
-    """PyTorch's AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False): odd sizes keep their edge."""
+    """PyTorch's AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False): odd sizes keep their edge.
+
+    Written as window sums over window counts (what `nn.avg_pool` computes) so that ONNX export
+    sees plain reduce-window sums rather than a pooling call with explicit padding.
+    """
     outputs = [-(-(size - 2) // stride) + 1 for size in x.shape[1:3]]
-    pad = tuple((0, (out - 1) * stride + 2 - size) for out, size in zip(outputs, x.shape[1:3], strict=True))
-    return nn.avg_pool(x, (2, 2), (stride, stride), padding=pad, count_include_pad=False)
+    pad = (
+        (0, 0),
+        *((0, (out - 1) * stride + 2 - size) for out, size in zip(outputs, x.shape[1:3], strict=True)),
+        (0, 0),
+    )
+    window, strides = (1, 2, 2, 1), (1, stride, stride, 1)
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pad)
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, strides, pad)
+    return total / count
+
+
+def max_pool_torch(x: jax.Array) -> jax.Array:
+    """The ImageNet stem's 3x3/2 max-pool with PyTorch's symmetric padding of 1.
+
+    The padding is an explicit -inf border and the pool VALID: the same numbers (XLA folds the pad
+    into the window), and ONNX converters that ignore a pool's explicit padding still get it right.
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 class Identity(nn.Module):

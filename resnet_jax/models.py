@@ -38,6 +38,7 @@ from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part
     PreActBasicBlock,
     PreActBottleneckBlock,
     Shortcut,
+    max_pool_torch,
     torch_padding,
 )
 
@@ -127,7 +128,7 @@ class ResNet(nn.Module):
         if not pre_activation:
             x = act(norm(name="bn1")(x))
         if self.stem != "cifar":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+            x = max_pool_torch(x)
 
         num_blocks, index = sum(self.stage_sizes), 0
         for i, stage_size in enumerate(self.stage_sizes):
