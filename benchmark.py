@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import benchmark, compile_cache, parallel
+from resnet_jax import benchmark, cli, compile_cache
 
 FLAGS = flags.FLAGS
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,15 +42,7 @@ flags.DEFINE_string(
     "Persistent compilation cache (default: --config.compilation_cache_dir, whose None means "
     "~/.cache/resnet_jax/jax_cache; '' off).",
 )
-flags.DEFINE_bool(
-    "distributed",
-    None,
-    "Call jax.distributed.initialize(). Default: when the three flags below are given or JAX detects "
-    "a cluster (Cloud TPU VM, SLURM, Open MPI); --nodistributed runs alone.",
-)
-flags.DEFINE_string("coordinator_address", None, "Multi-host: address:port of process 0.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+cli.define_distributed()
 
 
 def main(argv):
@@ -58,11 +50,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
+
+    def run_benchmark():
         try:
-            parallel.initialize_distributed(
-                FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
-            )
+            cli.initialize_distributed()
         except ValueError as e:  # multi-host flags that do not go together
             raise benchmark.BenchmarkError(str(e)) from None
         cache_dir = FLAGS.compilation_cache_dir
@@ -85,14 +76,12 @@ def main(argv):
             seed=FLAGS.seed,
             time_budget_s=FLAGS.time_budget_s,
         )
-        used = {
-            f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules[__name__]) if f.name != "config"
-        }
+        ours = [*FLAGS.get_flags_for_module(sys.modules[__name__]), *FLAGS.get_flags_for_module(cli)]
+        used = {f.name: f.value for f in ours if f.name != "config"}
         used |= {"config": FLAGS.config.to_dict(), "argv": sys.argv[1:]}
         benchmark.main(options, FLAGS.config, json_path=FLAGS.json, flags=used)
-    except (benchmark.BenchmarkError, compile_cache.CompilationCacheError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    sys.exit(cli.run(run_benchmark))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 from resnet_jax import data, models, parallel, targets, train
 from resnet_jax.config_checks import ConfigError, check_config
-from resnet_jax.errors import check_choice
+from resnet_jax.errors import UserError, check_choice
 from resnet_jax.step import rng_key
 
 MODES = ("train", "eval")
@@ -40,7 +40,7 @@ DEVICE_DATA = "device"  # the `data` value of rows whose batches were made on th
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring event of a persistent-cache hit
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark setting that cannot work; raised before anything is compiled."""
 
 

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from resnet_jax import progress
+from resnet_jax.errors import UserError
 
 # Changing any of these makes a checkpoint unusable (other parameter tree, data or optimizer state).
 INCOMPATIBLE_KEYS = ("model", "dataset", "image_size", "optimizer", "batch_size", "seed")
@@ -34,7 +35,7 @@ STATE_LAYOUT = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or used; the message says which and why."""
 
 

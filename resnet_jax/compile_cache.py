@@ -16,12 +16,14 @@ import os
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from resnet_jax.errors import UserError
+
 DEFAULT_DIRECTORY = os.path.join("~", ".cache", "resnet_jax", "jax_cache")
 # Below this a recompile is about as quick as reading the entry back.
 MIN_COMPILE_SECONDS = 0.1
 
 
-class CompilationCacheError(ValueError):
+class CompilationCacheError(UserError, ValueError):
     """An explicitly chosen cache directory that cannot be created or written."""
 
 

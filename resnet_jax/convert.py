@@ -15,7 +15,6 @@ see the weights' `pretrained_cfg`).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -24,9 +23,10 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
+from absl import flags
 
-from resnet_jax import checkpoint, data, models, weights
-from resnet_jax.errors import check_choice
+from resnet_jax import checkpoint, cli, data, models, weights
+from resnet_jax.errors import ConfigError, check_choice
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 IMAGENET_SIZES = {"train": 1_281_167, "eval": 50_000}
@@ -41,9 +41,7 @@ NORMALIZATIONS = {
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """`get_config()` of a config file, as train.py's --config reads it."""
     if not os.path.isfile(path):
-        raise weights.WeightsError(
-            f"config file {str(path)!r} does not exist; pass --config configs/default.py"
-        )
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/default.py")
     spec = importlib.util.spec_from_file_location("resnet_jax_convert_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -117,43 +115,56 @@ def convert_file(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--from", dest="source", choices=tuple(weights.SOURCES), default="torchvision")
-    parser.add_argument("--model", required=True, help="registry name, e.g. resnet50")
-    parser.add_argument("--out", required=True, help="directory to write (a workdir for evaluate/predict)")
-    parser.add_argument(
-        "--class_names", default=None, help="text file, one class name per line (or JSON list)"
+    flag_values = flags.FlagValues()
+    flags.DEFINE_enum(
+        "from", "torchvision", tuple(weights.SOURCES), "Where the weights come from.", flag_values=flag_values
     )
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--eval_crop", type=float, default=0.875, help="resize to size/crop, center-crop")
-    parser.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default="imagenet")
-    parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="base config (default: configs/default.py)"
+    flags.DEFINE_string("model", None, "Registry name, e.g. resnet50.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "out", None, "Directory to write (a workdir for evaluate/predict).", flag_values=flag_values
     )
-    parser.add_argument("weights", help=".pth, .pt, .bin, .safetensors or .npz")
-    args = parser.parse_args(argv)
-    try:
-        directory = convert_file(
-            args.weights,
-            args.source,
-            args.model,
-            args.out,
-            class_names=args.class_names,
-            image_size=args.image_size,
-            eval_crop=args.eval_crop,
-            normalization=args.normalization,
-            config_path=args.config,
+    flags.mark_flags_as_required(["model", "out"], flag_values=flag_values)
+    flags.DEFINE_string(
+        "class_names", None, "Text file, one class name per line (or a JSON list).", flag_values=flag_values
+    )
+    flags.DEFINE_integer("image_size", 224, "Eval image size.", flag_values=flag_values)
+    flags.DEFINE_float(
+        "eval_crop", 0.875, "Resize to size / crop, then center-crop.", flag_values=flag_values
+    )
+    flags.DEFINE_enum(
+        "normalization", "imagenet", tuple(NORMALIZATIONS), "Input statistics.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "config", str(DEFAULT_CONFIG), "Base config (default: configs/default.py).", flag_values=flag_values
+    )
+    files = cli.parse(
+        flag_values, argv, prog="python -m resnet_jax.convert", doc=__doc__, positional="WEIGHTS"
+    )
+    if len(files) != 1:
+        cli.fail(
+            "give one weights file: .pth, .pt, .bin, .safetensors or .npz "
+            "(see python -m resnet_jax.convert --help)"
         )
-    except (ValueError, checkpoint.CheckpointError) as e:  # WeightsError, unknown model
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.source} {args.model} -> {directory}/0")
-    print(f"  evaluate: python -m resnet_jax.evaluate --workdir {args.out}")
-    print(f"  predict:  python -m resnet_jax.predict --workdir {args.out} IMAGE ...")
-    print(
-        f"  finetune: python train.py --config configs/finetune_folder.py --config.init_from={args.out} ..."
-    )
-    return 0
+    source, model, out = flag_values["from"].value, flag_values.model, flag_values.out
+
+    def work() -> None:
+        directory = convert_file(
+            files[0],
+            source,
+            model,
+            out,
+            class_names=flag_values.class_names,
+            image_size=flag_values.image_size,
+            eval_crop=flag_values.eval_crop,
+            normalization=flag_values.normalization,
+            config_path=flag_values.config,
+        )
+        print(f"{source} {model} -> {directory}/0")
+        print(f"  evaluate: python -m resnet_jax.evaluate --workdir {out}")
+        print(f"  predict:  python -m resnet_jax.predict --workdir {out} IMAGE ...")
+        print(f"  finetune: python train.py --config configs/finetune_folder.py --config.init_from={out} ...")
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

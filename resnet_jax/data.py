@@ -269,13 +269,3 @@ def eval_batches(
         .batch(global_batch_size // process_count, batch_fn=stack_examples)
     )
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["--benchmark"]:
-        sys.exit(
-            "usage: python -m resnet_jax.data --benchmark [options]  (see resnet_jax/loader_benchmark.py)"
-        )
-    from resnet_jax import loader_benchmark
-
-    sys.exit(loader_benchmark.main(sys.argv[2:]))

@@ -20,6 +20,10 @@ class ConfigError(UserError, ValueError):
     """A config value, override or workdir that cannot work."""
 
 
+class ImageError(UserError, ValueError):
+    """An image file that cannot be read or decoded."""
+
+
 def closest(value: Any, choices: Iterable[Any]) -> str | None:
     """The choice that `value` was probably meant to be (a typo away), or None."""
     names = [str(choice) for choice in choices]

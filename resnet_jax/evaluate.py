@@ -7,12 +7,13 @@ Prints loss, top-1 and top-5 and writes them to DIR/eval_step{STEP}.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from resnet_jax import checkpoint, data, inference, parallel, sources
+from absl import flags
+
+from resnet_jax import cli, data, inference, parallel
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.inference import apply_overrides, load_trained
 
@@ -48,25 +49,27 @@ def evaluate_checkpoint(workdir: str, which: str = "latest", overrides: list[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default="latest", help="best, latest or a step number")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        scores = evaluate_checkpoint(args.workdir, args.checkpoint, overrides)
-    except (checkpoint.CheckpointError, ConfigError, sources.DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"step {scores['step']} on {scores['dataset']} ({scores['num_examples']} images): "
-        f"top-1 {scores['eval_accuracy']:.2%}, top-5 {scores['eval_top5_accuracy']:.2%}, "
-        f"loss {scores['eval_loss']:.4f}"
-    )
-    out = os.path.join(args.workdir, f"eval_step{scores['step']}.json")
-    with open(out, "w") as f:
-        json.dump(scores, f, indent=1)
-    print(f"written to {out}")
-    return 0
+    flag_values = flags.FlagValues()
+    cli.define_workdir(flag_values, "Training workdir (or `python -m resnet_jax.convert` output).")
+    cli.define_checkpoint(flag_values)
+    args = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in args if a.startswith("--config.")]
+    rest = [a for a in args if not a.startswith("--config.")]
+    cli.parse(flag_values, rest, prog="python -m resnet_jax.evaluate", doc=__doc__)
+
+    def work() -> None:
+        scores = evaluate_checkpoint(flag_values.workdir, flag_values.checkpoint, overrides)
+        print(
+            f"step {scores['step']} on {scores['dataset']} ({scores['num_examples']} images): "
+            f"top-1 {scores['eval_accuracy']:.2%}, top-5 {scores['eval_top5_accuracy']:.2%}, "
+            f"loss {scores['eval_loss']:.4f}"
+        )
+        out = os.path.join(flag_values.workdir, f"eval_step{scores['step']}.json")
+        with open(out, "w") as f:
+            json.dump(scores, f, indent=1)
+        print(f"written to {out}")
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
+from resnet_jax import cli
 from resnet_jax.errors import UserError, check_choice
 from resnet_jax.inference import TrainedModel, load_trained
 from resnet_jax.step import eval_logits
@@ -178,26 +180,20 @@ def _write_atomically(path: str, content: bytes) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from absl import flags
-
     flag_values = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.", flag_values=flag_values)
-    flags.DEFINE_string("checkpoint", "latest", "best, latest or a step number.", flag_values=flag_values)
+    cli.define_workdir(flag_values, "Training workdir (or `python -m resnet_jax.convert` output).")
+    cli.define_checkpoint(flag_values)
     flags.DEFINE_enum("format", "stablehlo", FORMATS, "Artifact format.", flag_values=flag_values)
     flags.DEFINE_enum("outputs", "probabilities", OUTPUTS, "What the graph returns.", flag_values=flag_values)
     flags.DEFINE_string(
         "out",
         None,
-        "Output file (default: WORKDIR/export/MODEL_stepS.jax_exported|.onnx).",
+        "File to write (default: WORKDIR/export/MODEL_stepS.jax_exported or .onnx).",
         flag_values=flag_values,
     )
-    flags.mark_flag_as_required("workdir", flag_values=flag_values)
-    try:
-        flag_values(list(argv if argv is not None else sys.argv))
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+    cli.parse(flag_values, argv, prog="python -m resnet_jax.export", doc=__doc__)
+
+    def work() -> None:
         out, meta_path = export_checkpoint(
             flag_values.workdir,
             flag_values.format,
@@ -205,14 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             outputs=flag_values.outputs,
             out=flag_values.out,
         )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"{flag_values.format} written to {out} ({os.path.getsize(out) / 2**20:.1f} MiB), "
-        f"metadata: {meta_path}"
-    )
-    return 0
+        size = os.path.getsize(out) / 2**20
+        print(f"{flag_values.format} written to {out} ({size:.1f} MiB), metadata: {meta_path}")
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

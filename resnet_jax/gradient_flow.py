@@ -19,7 +19,6 @@ summary whose statements are computed from the measured numbers.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
@@ -37,9 +36,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import flags
 from flax import traverse_util
 
-from resnet_jax import data, defaults, models, optim
+from resnet_jax import cli, data, defaults, models, optim
 from resnet_jax.config_checks import check_config
 from resnet_jax.errors import check_choice
 from resnet_jax.step import TrainState, cross_entropy, init_state, normalize, rng_key
@@ -564,35 +564,39 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    return lambda text: [kind(item) for item in text.split(",") if item]
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m resnet_jax.gradient_flow",
-        description="Per-layer gradient norms and loss curves of plain vs residual ResNets.",
-    )
-    parser.add_argument("--depths", type=_csv(int), default=[20, 56], help="comma-separated, e.g. 20,56,110")
-    parser.add_argument(
-        "--families", type=_csv(str), default=list(FAMILIES), help="plain,resnet,preact_resnet"
-    )
-    parser.add_argument("--norm", type=_csv(str), default=["batch", "none"], help="batch,none")
-    parser.add_argument("--activation", type=_csv(str), default=["relu"], help="relu,tanh,sigmoid")
-    parser.add_argument("--dataset", default="digits", help="a dataset spec (see resnet_jax.data)")
-    parser.add_argument("--image_size", "--image-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=150, help="training steps K per net")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=64)
-    parser.add_argument("--learning_rate", "--learning-rate", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output folder")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the study, write gradient_flow.json, summary.md and the plots, print the summary."""
-    args = parse_args(argv)
-    config = study_config(
+    """Run the study, write gradient_flow.json, summary.md and the plots, print the summary.
+
+    python -m resnet_jax.gradient_flow --out DIR [--depths 20,56] [--families plain,resnet,preact_resnet]
+        [--norm batch,none] [--activation relu] [--dataset digits] [--steps 150] ...
+    """
+    flag_values = flags.FlagValues()
+    define = functools.partial(flags.DEFINE_list, flag_values=flag_values)
+    define("depths", ["20", "56"], "Depths, e.g. 20,56,110.")
+    define("families", list(FAMILIES), "Any of plain,resnet,preact_resnet.")
+    define("norm", ["batch", "none"], "batch,none.")
+    define("activation", ["relu"], "relu,tanh,sigmoid.")
+    flags.DEFINE_string("dataset", "digits", "A dataset spec (see resnet_jax.data).", flag_values=flag_values)
+    flags.DEFINE_integer("image_size", 16, "Image size.", flag_values=flag_values)
+    flags.DEFINE_integer("steps", 150, "Training steps K per net.", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 64, "Batch size.", flag_values=flag_values)
+    flags.DEFINE_float("learning_rate", 0.05, "Peak learning rate.", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Init and data seed.", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Output folder.", flag_values=flag_values)
+    flags.mark_flag_as_required("out", flag_values=flag_values)
+    cli.parse(flag_values, argv, prog="python -m resnet_jax.gradient_flow", doc=main.__doc__)
+    args = flag_values
+    try:
+        depths = [int(d) for d in args.depths]
+    except ValueError:
+        cli.fail(f"--depths={','.join(args.depths)!r} must be integers, e.g. 20,56,110")
+    return cli.run(lambda: study_main(args, depths))
+
+
+def study_main(args: Any, depths: list[int]) -> None:
+    for family in args.families:
+        check_choice("--families", family, FAMILIES)
+    config = study_config(  # checked: a bad --dataset is one error here
         dataset=args.dataset,
         image_size=args.image_size,
         batch_size=args.batch_size,
@@ -600,14 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
     )
-    try:
-        data.parse_spec(args.dataset)
-        for family in args.families:
-            check_choice("family", family, FAMILIES)
-        document = run_study(args.depths, args.families, args.norm, args.activation, config)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    document = run_study(depths, args.families, args.norm, args.activation, config)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradient_flow.json"), "w") as f:
         json.dump(_finite_or_none(document), f, indent=1)
@@ -617,7 +614,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(document, args.out)
     print(text, end="")
     print(f"wrote gradient_flow.json, summary.md and plots to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from resnet_jax import checkpoint, data, metrics, models, parallel
 from resnet_jax.config_checks import complete_config
+from resnet_jax.errors import ConfigError, did_you_mean
 from resnet_jax.step import TrainState, eval_step
 
 EvalStep = Callable[[TrainState, dict[str, jax.Array]], metrics.EvalMetrics]
@@ -65,17 +66,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     for item in overrides:
         key, sep, text = item.removeprefix("--config.").partition("=")
         if not sep or key not in config:
-            raise checkpoint.CheckpointError(
-                f"{item!r}: expected --config.KEY=VALUE with one of: {', '.join(sorted(config))}"
+            hint = did_you_mean(key, config) if sep else ""
+            raise ConfigError(
+                f"{item!r}: expected --config.KEY=VALUE{hint} with one of: {', '.join(sorted(config))}"
             )
         old = config[key]
-        if isinstance(old, bool):
-            value = text.lower() in ("1", "true", "yes")
-        elif isinstance(old, int | float) and old is not None:
-            value = type(old)(text)
-        else:
-            value = None if text == "None" else text
-        config[key] = value
+        try:
+            if isinstance(old, bool):
+                value = text.lower() in ("1", "true", "yes")
+            elif isinstance(old, int | float) and old is not None:
+                value = type(old)(text)
+            else:
+                value = None if text == "None" else text
+            config[key] = value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{item!r}: config.{key} takes a {type(old).__name__}, like {old!r}") from None
 
 
 def replicated_target(checkpoints: checkpoint.Checkpoints, step: int) -> Any:

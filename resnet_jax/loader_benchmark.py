@@ -1,6 +1,6 @@
 """Images/s of the input pipeline alone (no model), per number of grain worker processes.
 
-    python -m resnet_jax.data --benchmark [--kinds cifar,jpeg] [--workers 0,1,2] [--batches 50] [--json F]
+    python -m resnet_jax.loader_benchmark [--kinds cifar,jpeg] [--workers 0,1,2] [--batches 50] [--json F]
 
 `cifar`: in-memory 32x32 images with CIFAR augmentation (pad-crop-flip), batch 128.
 `jpeg`: a folder of 375x500 JPEG files (ImageNet's typical size), decoded and random-resized-cropped
@@ -10,7 +10,6 @@ step's images/s (`benchmark.py`) to see whether loading can keep up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,9 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from resnet_jax import data, sources
+from resnet_jax import cli, data, sources
+from resnet_jax.errors import UserError, check_choice
 
 KINDS = {
     # kind: (batch size, image size, number of source images)
@@ -106,26 +107,26 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.data --benchmark", description=__doc__)
-    parser.add_argument("--kinds", default="cifar,jpeg", help=f"comma list of: {', '.join(KINDS)}")
-    parser.add_argument("--workers", default="0,1,2", help="comma list of worker counts")
-    parser.add_argument("--batches", type=int, default=50, help="timed batches per row")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    kinds = args.kinds.split(",")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        parser.error(f"--kinds: {unknown[0]!r} is not valid; choose from {', '.join(KINDS)}")
+    flag_values = flags.FlagValues()
+    flags.DEFINE_list(
+        "kinds", ["cifar", "jpeg"], f"Pipelines to time: {', '.join(KINDS)}.", flag_values=flag_values
+    )
+    flags.DEFINE_list("workers", ["0", "1", "2"], "Worker process counts.", flag_values=flag_values)
+    flags.DEFINE_integer("batches", 50, "Timed batches per row.", flag_values=flag_values)
+    flags.DEFINE_string("json", None, "Also write the rows to this file.", flag_values=flag_values)
+    cli.parse(flag_values, argv, prog="python -m resnet_jax.loader_benchmark", doc=__doc__)
     try:
-        workers = [int(w) for w in args.workers.split(",")]
-    except ValueError:
-        parser.error(f"--workers={args.workers!r} must be a comma list of integers")
-    if args.batches < 1 or any(w < 0 for w in workers):
-        parser.error("--batches must be positive and --workers 0 or more")
-    rows = run(kinds, workers, args.batches)
+        for kind in flag_values.kinds:
+            check_choice("--kinds", kind, KINDS)
+        workers = [int(w) for w in flag_values.workers]
+    except ValueError as e:
+        cli.fail(str(e) if isinstance(e, UserError) else f"--workers={flag_values.workers!r}: integers")
+    if flag_values.batches < 1 or any(w < 0 for w in workers):
+        cli.fail("--batches must be positive and --workers 0 or more")
+    rows = run(flag_values.kinds, workers, flag_values.batches)
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
+    if flag_values.json:
+        with open(flag_values.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
 

@@ -15,7 +15,6 @@ prints every name with its parameter count and forward GFLOPs (XLA's cost analys
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -24,8 +23,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import linen as nn
 
+from resnet_jax import cli
 from resnet_jax.errors import check_choice
 from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part of the models API)
     PRE_ACTIVATION,
@@ -387,29 +388,40 @@ def forward_flops(module: nn.Module, image_size: int, channels: int = 3) -> floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m resnet_jax.models", description="Parameters and forward GFLOPs of the registry."
+    """`python -m resnet_jax.models`: parameters and forward GFLOPs of the registry."""
+    flag_values = flags.FlagValues()
+    flags.DEFINE_integer("image_size", 224, "ImageNet-style nets (CIFAR nets: 32).", flag_values=flag_values)
+    flags.DEFINE_integer("cifar_image_size", 32, "CIFAR-style nets.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "num_classes", 1000, "ImageNet-style nets (CIFAR nets: 10).", flag_values=flag_values
     )
-    parser.add_argument("--image_size", type=int, default=224, help="ImageNet-style nets (CIFAR nets: 32)")
-    parser.add_argument("--cifar_image_size", type=int, default=32)
-    parser.add_argument("--num_classes", type=int, default=1000, help="CIFAR nets: 10")
-    parser.add_argument("--names", nargs="*", default=None, help="only these (default: all)")
-    parser.add_argument("--no_flops", action="store_true", help="parameter counts only (no compiling)")
-    args = parser.parse_args(argv)
-    selected = args.names or names()
-    for name in selected:
-        if name not in MODELS:
-            print(f"error: unknown model {name!r}; choose from: {', '.join(names())}", file=sys.stderr)
-            return 2
-    print(f"{'model':<20} {'size':>5} {'params':>12} {'GFLOPs':>8}")
-    start = time.perf_counter()
-    for name in selected:
-        size, classes = (args.cifar_image_size, 10) if is_cifar(name) else (args.image_size, args.num_classes)
-        module = create(name, classes)
-        flops = "" if args.no_flops else f"{forward_flops(module, size) / 1e9:8.3f}"
-        print(f"{name:<20} {size:>5} {count_params(module, size) / 1e6:>11.2f}M {flops:>8}", flush=True)
-    print(f"{len(selected)} models in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    return 0
+    flags.DEFINE_list(
+        "names", None, "Only these (default: all); comma- or space-separated.", flag_values=flag_values
+    )
+    flags.DEFINE_bool("no_flops", False, "Parameter counts only (no compiling).", flag_values=flag_values)
+    more = cli.parse(
+        flag_values, argv, prog="python -m resnet_jax.models", doc=main.__doc__, positional="[NAME ...]"
+    )
+    selected = [*(flag_values.names or []), *more] or names()
+
+    def work() -> None:
+        for name in selected:
+            check_choice("model", name, names())
+        print(f"{'model':<20} {'size':>5} {'params':>12} {'GFLOPs':>8}")
+        start = time.perf_counter()
+        for name in selected:
+            cifar = is_cifar(name)
+            size, classes = (
+                (flag_values.cifar_image_size, 10)
+                if cifar
+                else (flag_values.image_size, flag_values.num_classes)
+            )
+            module = create(name, classes)
+            flops = "" if flag_values.no_flops else f"{forward_flops(module, size) / 1e9:8.3f}"
+            print(f"{name:<20} {size:>5} {count_params(module, size) / 1e6:>11.2f}M {flops:>8}", flush=True)
+        print(f"{len(selected)} models in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

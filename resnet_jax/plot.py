@@ -7,11 +7,15 @@ One colour per run (the legend names its workdir); solid lines are train, dashed
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Sequence
+
+from absl import flags
+
+from resnet_jax import cli
+from resnet_jax.errors import UserError
 
 # (panel title, y label, [(metrics.jsonl key, line style, label suffix)])
 PANELS = [
@@ -21,7 +25,7 @@ PANELS = [
 ]
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """A workdir without readable metrics; the message names it."""
 
 
@@ -92,17 +96,24 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories with metrics.jsonl")
-    parser.add_argument("--out", default="curves.png", help="image file to write (default: curves.png)")
-    args = parser.parse_args(argv)
-    try:
-        path = plot_runs(args.workdirs, args.out)
-    except (PlotError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    flag_values = flags.FlagValues()
+    flags.DEFINE_string("out", "curves.png", "Image file to write.", flag_values=flag_values)
+    workdirs = cli.parse(
+        flag_values, argv, prog="python -m resnet_jax.plot", doc=__doc__, positional="WORKDIR ..."
+    )
+    if not workdirs:
+        cli.fail(
+            "no WORKDIR given: run directories with metrics.jsonl (see python -m resnet_jax.plot --help)"
+        )
+
+    def work() -> None:
+        try:
+            path = plot_runs(workdirs, flag_values.out)
+        except OSError as e:
+            raise PlotError(f"cannot write {flag_values.out!r}: {e.strerror or e}") from None
+        print(f"wrote {path}")
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

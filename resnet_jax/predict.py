@@ -7,32 +7,39 @@ Class names come from the checkpoint, so predictions map back to the dataset's l
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
 
 import jax
 import numpy as np
+from absl import flags
 
-from resnet_jax import augment, checkpoint
+from resnet_jax import augment, cli, data
+from resnet_jax.errors import ImageError
 from resnet_jax.inference import load_trained
 from resnet_jax.step import eval_logits
 
 
-def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: int = 5) -> list[dict]:
-    trained = load_trained(workdir, which)
-    info = trained.info
+def read_images(paths: list[str], info: data.DatasetInfo) -> np.ndarray:
+    """Decode, resize and center-crop image files as evaluation does; `ImageError` names a bad file."""
     height, _, channels = info.image_shape
     images = []
     for path in paths:
         try:
             image = augment.decode_image(path, channels)
         except (OSError, ValueError) as e:
-            raise checkpoint.CheckpointError(f"cannot read image {path!r}: {e}") from None
+            raise ImageError(f"cannot read image {path!r}: {e}") from None
         images.append(augment.resize_shorter_and_center_crop(image, height, info.eval_crop))
+    return np.stack(images)
+
+
+def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: int = 5) -> list[dict]:
+    trained = load_trained(workdir, which)
+    info = trained.info
+    images = read_images(paths, info)
     logits = jax.jit(functools.partial(eval_logits, model=trained.model, mean=info.mean, std=info.std))(
-        trained.state, np.stack(images)
+        trained.state, images
     )
     probabilities = np.asarray(jax.nn.softmax(logits))
     k = min(top_k, info.num_classes)
@@ -52,25 +59,27 @@ def predict_files(workdir: str, paths: list[str], which: str = "latest", top_k: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet_jax.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--checkpoint", default="latest", help="best, latest or a step number")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("images", nargs="+")
-    args = parser.parse_args(argv)
-    try:
-        results = predict_files(args.workdir, args.images, args.checkpoint, args.top_k)
-    except checkpoint.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(results, indent=1))
-        return 0
-    for result in results:
-        ranked = ", ".join(f"{c['class']} {c['probability']:.1%}" for c in result["top_k"])
-        print(f"{result['image']}: {ranked}")
-    return 0
+    flag_values = flags.FlagValues()
+    cli.define_workdir(flag_values, "Training workdir (or `python -m resnet_jax.convert` output).")
+    cli.define_checkpoint(flag_values)
+    flags.DEFINE_integer("top_k", 5, "Classes to show per image.", flag_values=flag_values)
+    flags.DEFINE_bool("json", False, "Print JSON instead of text.", flag_values=flag_values)
+    paths = cli.parse(
+        flag_values, argv, prog="python -m resnet_jax.predict", doc=__doc__, positional="IMAGE ..."
+    )
+    if not paths:
+        cli.fail("no IMAGE given (see python -m resnet_jax.predict --help)")
+
+    def work() -> None:
+        results = predict_files(flag_values.workdir, paths, flag_values.checkpoint, flag_values.top_k)
+        if flag_values.json:
+            print(json.dumps(results, indent=1))
+            return
+        for result in results:
+            ranked = ", ".join(f"{c['class']} {c['probability']:.1%}" for c in result["top_k"])
+            print(f"{result['image']}: {ranked}")
+
+    return cli.run(work)
 
 
 if __name__ == "__main__":

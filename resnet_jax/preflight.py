@@ -35,6 +35,7 @@ import ml_collections
 
 from resnet_jax import data, sources, targets
 from resnet_jax.config_checks import ConfigError, check_config
+from resnet_jax.errors import UserError
 
 # JAX's GPU allocator takes this fraction of device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
 JAX_GPU_MEMORY_FRACTION = 0.75
@@ -43,7 +44,7 @@ PLUGINS = {"tpu": ("libtpu",), "cuda": ("jax_cuda12_plugin", "jax_cuda13_plugin"
 EXTRA_HINT = "pip install -e '.[preflight]' (libtpu and the CUDA plugin that match the installed jax)"
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
     """A target, extra or dataset the preflight cannot use; the message says what would work."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from resnet_jax import augment, progress
 from resnet_jax.augment import Example
+from resnet_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FOLDER_EVAL_DIRS = ("val", "validation", "test")
@@ -30,7 +31,7 @@ KNOWN_STATS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be read; the message says what was looked for and how to fix it."""
 
 

@@ -14,6 +14,8 @@ import difflib
 import re
 from importlib import resources
 
+from resnet_jax.errors import UserError
+
 GiB = 2**30
 
 
@@ -110,7 +112,7 @@ TARGETS: dict[str, Target] = {
 ALIASES = {"v5litepod-8": "v5e-8", "v5litepod-16": "v5e-16"}
 
 
-class UnknownTargetError(ValueError):
+class UnknownTargetError(UserError, ValueError):
     pass
 
 

@@ -27,8 +27,6 @@ from resnet_jax import (
     optim,
     parallel,
     progress,
-    sources,
-    weights,
     writers,
 )
 from resnet_jax import mixing as mixing_lib
@@ -318,13 +316,3 @@ def format_train_line(step: int, total: int, steps_per_epoch: int, scalars: dict
     if "steps_per_sec" in scalars:
         line += f" | {scalars['steps_per_sec']:.1f} steps/s, {scalars['images_per_sec']:.0f} img/s"
     return line
-
-
-# Errors whose message is the whole story: the CLI prints them without a traceback.
-USER_ERRORS = (
-    ConfigError,
-    sources.DatasetError,
-    checkpoint.CheckpointError,
-    loop.NonFiniteError,
-    weights.WeightsError,
-)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from resnet_jax import models, sources
-from resnet_jax.errors import check_choice
+from resnet_jax.errors import UserError, check_choice
 
 # Architectures each source publishes with the same layer layout as ours.
 TORCHVISION = (
@@ -53,7 +53,7 @@ IGNORED_SUFFIXES = ("num_batches_tracked",)
 IMAGENET_MEAN, IMAGENET_STD = sources.IMAGENET_STATS
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A state dict or weights file that does not fit the model; the message lists what is wrong."""
 
 

@@ -1,10 +1,12 @@
 """The command lines users run: `train.py` end to end and its error messages."""
 
+import importlib
 import json
 
+import ml_collections
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import digits_config, run_script
 
 
 @pytest.mark.slow
@@ -54,3 +56,51 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     result = run_script("train.py", "--config", "configs/digits.py", "--workdir", str(blocker / "run"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"workdir '{blocker / 'run'}' cannot be written" in result.stderr
+
+
+# ------------------------------------------------------------ one command-line style
+
+TOOLS = ("convert", "evaluate", "predict", "export", "plot", "models", "loader_benchmark", "gradient_flow")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_has_help_and_turns_a_bad_flag_into_one_error_line(tool, capsys):
+    main = importlib.import_module(f"resnet_jax.{tool}").main
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0
+    shown = capsys.readouterr().out
+    assert f"usage: python -m resnet_jax.{tool} [flags]" in shown and "--" in shown
+    with pytest.raises(SystemExit) as exit_bad:
+        main(["--no_such_flag=1"])
+    assert exit_bad.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        f"error: Unknown command line flag 'no_such_flag' (see python -m resnet_jax.{tool} --help)"
+    ]
+
+
+def test_train_and_benchmark_share_one_definition_of_the_multi_host_flags():
+    helps = [run_script(script, "--helpfull").stdout for script in ("train.py", "benchmark.py")]
+    for flag in ("--coordinator_address", "--num_processes", "--process_id", "--[no]distributed"):
+        lines = [
+            [line.strip() for line in text.splitlines() if line.strip().startswith(flag)] for text in helps
+        ]
+        assert lines[0] and lines[0] == lines[1], flag
+    assert all("resnet_jax.cli:" in text for text in helps)
+
+
+def test_errors_have_the_type_of_their_cause(tmp_path):
+    from resnet_jax import convert, data, errors, inference, predict
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    info = data.load(digits_config()).info
+    with pytest.raises(errors.ImageError, match="cannot read image .*broken.png"):
+        predict.read_images([str(tmp_path / "broken.png")], info)
+    config = ml_collections.ConfigDict({"learning_rate": 0.1, "model": "resnet20"})
+    with pytest.raises(errors.ConfigError, match="did you mean 'learning_rate'"):
+        inference.apply_overrides(config, ["--config.learnng_rate=0.2"])
+    with pytest.raises(errors.ConfigError, match="config.learning_rate takes a float"):
+        inference.apply_overrides(config, ["--config.learning_rate=fast"])
+    with pytest.raises(errors.ConfigError, match="does not exist"):
+        convert.load_config(tmp_path / "missing.py")

@@ -172,7 +172,7 @@ def test_cli_writes_the_json_and_the_plots(tmp_path):
     out = tmp_path / "flow"
     args = ["--depths", "20", "--families", "plain,preact_resnet", "--norm", "batch", "--steps", "3"]
     result = run_script(
-        "-m", "resnet_jax.gradient_flow", *args, "--image-size", "8", "--batch-size", "16", "--out", str(out)
+        "-m", "resnet_jax.gradient_flow", *args, "--image_size", "8", "--batch_size", "16", "--out", str(out)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     document = json.loads((out / "gradient_flow.json").read_text())
