@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from resnet_jax import benchmark, compile_cache, models, parallel
-from tests.conftest import run_script
+from tests.conftest import run_script, xla_flags_with
 
 REQUIRED_FIELDS = {
     "model",
@@ -191,7 +191,7 @@ def test_sweep_is_every_combination():
         (["--model=resnet19,resnet20"], {}, "--model='resnet19' is not valid; choose one of: resnet20"),
         (
             ["--model=resnet20", "--batch_size=6"],
-            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+            {"XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=4")},
             "--batch_size=6 does not divide over 4 devices; use a multiple of 4 (e.g. 4 or 8)",
         ),
     ],

@@ -26,11 +26,18 @@ def test_digits_resize_to_the_configured_size():
 
 
 @pytest.mark.parametrize(
-    "spec", ["digits", "synthetic", "tfds:cifar10", "tfds:imagenette/320px-v2", "folder:/x"]
+    "spec,parsed",
+    [
+        ("digits", ("digits", "")),
+        ("synthetic", ("synthetic", "")),
+        ("tfds:cifar10", ("tfds", "cifar10")),
+        ("tfds:imagenette/320px-v2", ("tfds", "imagenette/320px-v2")),
+        ("folder:/x", ("folder", "/x")),
+        ("folder:/data/a:b", ("folder", "/data/a:b")),
+    ],
 )
-def test_valid_specs_parse(spec):
-    kind, arg = data.parse_spec(spec)
-    assert kind in ("digits", "synthetic", "tfds", "folder")
+def test_valid_specs_parse_into_kind_and_argument(spec, parsed):
+    assert data.parse_spec(spec) == parsed
 
 
 @pytest.mark.parametrize("spec", ["mnist", "tfds:", "folder:", "", "digits:8"])

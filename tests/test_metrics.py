@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_jax import metrics, progress, train, writers
-from tests.conftest import digits_config, run_script
+from tests.conftest import digits_config, run_script, xla_flags_with
 
 STEPS = 6
 
@@ -128,7 +128,7 @@ MASKED_AVERAGE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_metrics_average_exactly_over_devices_with_uneven_masks():
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
     result = run_script("-c", MASKED_AVERAGE, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])

@@ -135,12 +135,24 @@ def test_gradient_clipping_bounds_the_global_norm():
 @pytest.mark.parametrize("warmup_epochs", [0.0, 5.0, 1000.0])
 @pytest.mark.parametrize("schedule", optim.SCHEDULES)
 def test_warmup_is_clipped_so_short_runs_work(warmup_epochs, schedule):
+    """A 20-step run: a warmup of 5 or 1000 epochs (110 or 22,000 steps) ends at step 19, so the
+    schedule still reaches its peak, once, and the decaying schedules end below it."""
     config = digits_config(warmup_epochs=warmup_epochs, lr_schedule=schedule, learning_rate=0.4)
     fn = optim.create_schedule(config, steps_per_epoch=22, total_steps=20)
     values = np.array([fn(s) for s in range(21)])
-    assert np.isfinite(values).all() and values.max() <= 0.4 + 1e-6
-    if warmup_epochs == 0.0 and schedule != "onecycle":
-        assert values[0] == pytest.approx(0.4)
+    assert np.isfinite(values).all()
+    assert values.max() == pytest.approx(0.4, rel=1e-6)
+    peak = 0 if warmup_epochs == 0.0 else 19
+    if schedule == "onecycle":
+        peak = 6 if warmup_epochs == 0.0 else 19  # 30 % of the run without a warmup
+        assert values[0] == pytest.approx(0.4 / 25, rel=1e-5)
+    else:
+        assert values[0] == pytest.approx(0.4 if peak == 0 else 0.0, abs=1e-7)  # warmup_factor 0
+    assert values[peak] == pytest.approx(0.4, rel=1e-6)
+    if schedule in ("constant", "step"):
+        assert (values[peak:] == values[peak]).all()
+    else:
+        assert values[20] < 0.4 and (np.diff(values[peak:]) <= 1e-9).all()
 
 
 def schedule_of(steps_per_epoch=10, total_steps=110, **overrides):
@@ -201,12 +213,37 @@ def test_onecycle_rises_over_the_warmup_then_falls():
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
-def test_every_optimizer_builds_and_steps(name):
+def test_every_optimizer_takes_its_first_step_by_its_formula(name):
+    """The first update from a fresh state, for a gradient of ones and no weight decay, in closed
+    form: each optimizer's preconditioner, then the trust ratio (kernels only) and the learning rate."""
     params = resnet20_params()
-    config = digits_config(optimizer=name, warmup_epochs=0.0)
+    lr = 0.1
+    config = digits_config(
+        optimizer=name, learning_rate=lr, weight_decay=0.0, warmup_epochs=0.0, lr_schedule="constant"
+    )
     updates = step_once(config, params, jax.tree.map(jnp.ones_like, params))
-    assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates))
-    assert optax.global_norm(updates) > 0
+    eps = optim.DEFAULT_EPS.get(name, 0.0)
+    preconditioned = {  # what each preconditioner makes of a first gradient of 1
+        "sgd": 1.0,
+        "momentum": 1.0,
+        "nesterov": 1.0 + config.momentum,  # g + momentum * (momentum buffer = g)
+        "adagrad": 1.0 / np.sqrt(config.adagrad_initial_accumulator + 1.0 + eps),
+        "rmsprop": 1.0 / np.sqrt((1 - config.rmsprop_decay) + eps),
+        "adam": 1.0 / (1.0 + eps),
+        "adamw": 1.0 / (1.0 + eps),
+        "lars": 1.0,
+        "lamb": 1.0 / (1.0 + eps),
+    }[name]
+    coefficient = optim.DEFAULT_TRUST_COEFFICIENTS.get(name)
+
+    def expected(path, param):
+        u = np.full(param.shape, preconditioned, np.float32)
+        if coefficient is not None and path[-1].key == "kernel":  # LARS, LAMB: ||w|| / ||u||
+            u = u * coefficient * np.linalg.norm(param) / np.linalg.norm(u)
+        return -lr * u
+
+    reference = jax.tree_util.tree_map_with_path(expected, params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-9), updates, reference)
 
 
 def test_bad_optimizer_settings_are_rejected_up_front():

@@ -25,11 +25,14 @@ import pytest
 from resnet_jax import data, models, parallel, train
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.step import init_state, join_micro_batches, split_micro_batches, train_step
-from tests.conftest import ROOT, digits_config, run_script
+from tests.conftest import ROOT, digits_config, run_script, xla_flags_with
 
 
 def virtual_devices(count):
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_DEFAULT_PRNG_IMPL": "rbg"}
+    return {
+        "XLA_FLAGS": xla_flags_with(f"--xla_force_host_platform_device_count={count}"),
+        "JAX_DEFAULT_PRNG_IMPL": "rbg",
+    }
 
 
 # ------------------------------------------------------------ 8 virtual devices

@@ -112,10 +112,6 @@ def test_autodiff_gradient_matches_finite_differences():
             assert math.isclose(float(analytic), float(numeric), rel_tol=1e-5, abs_tol=1e-9), (layer, index)
 
 
-def _stats(dataset):
-    return dataset.info.mean, dataset.info.std
-
-
 @pytest.mark.slow
 def test_train_and_evaluate_from_a_plain_script_writes_the_contract_metrics(tmp_path):
     config = digits_config(num_train_steps=24, log_every_steps=10, eval_every_steps=20, batch_size=32)
