@@ -13,7 +13,10 @@ def get_config():
     config.dataset = "digits"
     config.image_size = 12  # upsampled from 8x8: at 8 px ResNet-20's last stage is 2x2 (98.6-100% over seeds)
     config.batch_size = 64
-    config.num_epochs = 30.0
+    # He et al.'s CIFAR recipe: residual branches start live. Zero-initialised, ResNet-20 barely
+    # moves for the first epochs here (26 % after 40 steps, against 92 %) and needs 3x the epochs.
+    config.zero_init_residual = False
+    config.num_epochs = 10.0
     config.learning_rate = 0.1
     config.warmup_epochs = 1.0
     config.weight_decay = 5e-4

@@ -39,7 +39,7 @@ def test_jit_train_step_lowers_the_loss_on_a_fixed_batch(steps, fixed_batch):
         state, m = steps.train_step(state, parallel.to_global(fixed_batch, steps.batch_sharding))
         losses.append(float(m.loss.compute()))
     assert int(state.step) == 30
-    # Zero-initialised residual branches make the first steps slow; 30 steps at lr 0.1 halve the loss.
+    # 30 steps at lr 0.1 at least halve the loss.
     assert losses[-1] < 0.5 * losses[0], losses
     assert losses[-1] < losses[len(losses) // 2] < losses[0], losses
 
