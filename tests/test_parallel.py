@@ -307,6 +307,10 @@ def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
         "--config.batch_size=16",
         "--config.image_size=8",
         "--config.compilation_cache_dir=",
+        # The tolerances below were set on this network; with the residual branches live from step 0
+        # (the quick start's recipe), gloo's and the single process's summation orders drift apart
+        # to 3e-5 relative in 3 steps.
+        "--config.zero_init_residual=True",
     ]
     port = free_port()
     launches = [(tmp_path / "one", 4, [])] + [

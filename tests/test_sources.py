@@ -303,8 +303,7 @@ def test_the_loader_benchmark_prints_a_row_per_worker_count(tmp_path):
     out = tmp_path / "loader.json"
     result = run_script(
         "-m",
-        "resnet_jax.data",
-        "--benchmark",
+        "resnet_jax.loader_benchmark",
         "--kinds",
         "cifar",
         "--workers",
