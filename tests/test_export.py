@@ -164,7 +164,7 @@ def digits_run(request, tmp_path_factory):
     from resnet_jax.train import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp(f"digits_{request.param}")
-    config = digits_config(num_train_steps=15, dtype=request.param, ema_decay=0.9, log_every_steps=15)
+    config = digits_config(num_train_steps=44, dtype=request.param, ema_decay=0.9, log_every_steps=22)
     train_and_evaluate(config, str(workdir))
     dataset = data.load(config)
     paths = []
@@ -211,7 +211,7 @@ def test_export_command_writes_stablehlo_that_matches_predict(digits_run):
         "shape": ["batch", 12, 12, 1],
         "layout": "NHWC",
     }
-    assert meta["class_names"] == [str(i) for i in range(10)] and meta["step"] == 15
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["step"] == 44
     assert meta["weights"] == "exponential moving average" and meta["compute_dtype"] == dtype
     trained = load_trained(str(workdir))
     x = preprocessed(paths, meta)
@@ -224,7 +224,7 @@ def test_export_command_writes_onnx_that_matches_predict(digits_run):
     pytest.importorskip("jax2onnx", reason="the ONNX tests need pip install -e '.[onnx]'")
     workdir, paths, dtype = digits_run
     out, meta_path = export.export_checkpoint(str(workdir), "onnx")
-    assert out.endswith("export/resnet20_step15.onnx") and os.path.exists(meta_path)
+    assert out.endswith("export/resnet20_step44.onnx") and os.path.exists(meta_path)
     meta = json.loads(Path(meta_path).read_text())
     assert meta["compute_dtype"] == "float32"
     session = onnx_session(Path(out).read_bytes())
@@ -236,9 +236,12 @@ def test_export_command_writes_onnx_that_matches_predict(digits_run):
     predicted = predicted_probabilities(workdir, paths)
     if dtype == "float32":
         assert max_relative_difference(ours, predicted) <= ONNX_RTOL
-    else:  # predict computes in bfloat16, the ONNX graph in float32: the same classes
-        np.testing.assert_array_equal(ours.argmax(-1), predicted.argmax(-1))
-        np.testing.assert_allclose(ours, predicted, atol=0.05)
+    else:  # predict computes in bfloat16, the ONNX graph in float32: close, and the same class
+        np.testing.assert_allclose(ours, predicted, atol=0.05)  # wherever it is not a near-tie
+        top2 = np.sort(predicted, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 0.05
+        assert clear.sum() >= 4, predicted  # two epochs in, most digits are clear calls
+        np.testing.assert_array_equal(ours.argmax(-1)[clear], predicted.argmax(-1)[clear])
 
 
 def test_a_stablehlo_artifact_loads_with_jax_alone(digits_run, tmp_path):
