@@ -34,7 +34,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax import data, sources, targets
-from resnet_jax.config_checks import ConfigError, check_config
+from resnet_jax.config_checks import check_config
 from resnet_jax.errors import UserError
 
 # JAX's GPU allocator takes this fraction of device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
@@ -597,7 +597,7 @@ def main(argv: Sequence[str]) -> int:
             timeout_s=FLAGS.timeout_s,
             hlo_dir=FLAGS.hlo_dir,
         )
-    except (PreflightError, ConfigError, targets.UnknownTargetError) as e:
+    except UserError as e:  # ConfigError, DatasetError, UnknownTargetError, PreflightError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(rows))
