@@ -132,27 +132,61 @@ def test_gradient_clipping_bounds_the_global_norm():
     assert float(optax.global_norm(step_once(config, params, grads))) == pytest.approx(0.5, rel=1e-5)
 
 
+def short_run_schedule(schedule, peak, warmup, total):
+    """What `schedule` should give at steps 0..total, from the textbook formulas: a linear warmup
+    from 0 over `warmup` steps, then the decay to 0 over the rest; onecycle's cosine rise from
+    peak / 25 to the peak at `warmup` steps (30 % of the run without a warmup) and its cosine fall
+    to peak / 25e4."""
+    values = []
+    for s in range(total + 1):
+        if schedule == "onecycle":
+            top = warmup or int(0.3 * total)
+            low, end = peak / 25, peak / 25 / 1e4
+            if s <= top:
+                values.append(peak + (low - peak) * (1 + np.cos(np.pi * s / top)) / 2)
+            else:
+                values.append(end + (peak - end) * (1 + np.cos(np.pi * (s - top) / (total - top))) / 2)
+            continue
+        if s < warmup:
+            values.append(peak * s / warmup)
+            continue
+        done = (s - warmup) / (total - warmup)  # fraction of the decay
+        values.append(
+            {
+                "constant": peak,
+                "step": peak,  # its first decay (epoch 30) is after the run
+                "cosine": peak * (1 + np.cos(np.pi * done)) / 2,
+                "linear": peak * (1 - done),
+                "polynomial": peak * (1 - done) ** 2,
+            }[schedule]
+        )
+    return np.array(values)
+
+
 @pytest.mark.parametrize("warmup_epochs", [0.0, 5.0, 1000.0])
 @pytest.mark.parametrize("schedule", optim.SCHEDULES)
 def test_warmup_is_clipped_so_short_runs_work(warmup_epochs, schedule):
-    """A 20-step run: a warmup of 5 or 1000 epochs (110 or 22,000 steps) ends at step 19, so the
-    schedule still reaches its peak, once, and the decaying schedules end below it."""
-    config = digits_config(warmup_epochs=warmup_epochs, lr_schedule=schedule, learning_rate=0.4)
-    fn = optim.create_schedule(config, steps_per_epoch=22, total_steps=20)
-    values = np.array([fn(s) for s in range(21)])
-    assert np.isfinite(values).all()
-    assert values.max() == pytest.approx(0.4, rel=1e-6)
-    peak = 0 if warmup_epochs == 0.0 else 19
-    if schedule == "onecycle":
-        peak = 6 if warmup_epochs == 0.0 else 19  # 30 % of the run without a warmup
-        assert values[0] == pytest.approx(0.4 / 25, rel=1e-5)
-    else:
-        assert values[0] == pytest.approx(0.4 if peak == 0 else 0.0, abs=1e-7)  # warmup_factor 0
-    assert values[peak] == pytest.approx(0.4, rel=1e-6)
-    if schedule in ("constant", "step"):
-        assert (values[peak:] == values[peak]).all()
-    else:
-        assert values[20] < 0.4 and (np.diff(values[peak:]) <= 1e-9).all()
+    """A 20-step run: a warmup of 5 or 1000 epochs (110 or 22,000 steps) is clipped to 19 steps, so
+    the schedule still rises to its peak (at step 19) and the decays still end at 0 (at step 20).
+    Every step's value is compared with the formula: warmup start and end, mid-decay, the end."""
+    peak, total = 0.4, 20
+    config = digits_config(
+        warmup_epochs=warmup_epochs,
+        lr_schedule=schedule,
+        learning_rate=peak,
+        warmup_style="linear",
+        warmup_factor=0.0,
+        lr_end_factor=0.0,
+        lr_power=2.0,
+        lr_step_epochs=(30,),
+        lr_decay_factor=0.1,
+    )
+    fn = optim.create_schedule(config, steps_per_epoch=22, total_steps=total)
+    values = np.array([float(fn(s)) for s in range(total + 1)])
+    warmup = 0 if warmup_epochs == 0.0 else total - 1
+    expected = short_run_schedule(schedule, peak, warmup, total)
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-7)
+    assert values.max() == pytest.approx(peak, rel=1e-6)
 
 
 def schedule_of(steps_per_epoch=10, total_steps=110, **overrides):
@@ -212,38 +246,87 @@ def test_onecycle_rises_over_the_warmup_then_falls():
     assert (np.diff(values[:21]) > 0).all() and (np.diff(values[20:]) <= 0).all()
 
 
+# Hyperparameters for the two-step test, all set (none left to the defaults): eps large enough that
+# where it enters (outside or inside the square root) shows, and a trust coefficient that is not 1.
+HYPER = dict(momentum=0.9, b1=0.9, b2=0.999, eps=1e-3, rmsprop_decay=0.9, adagrad_initial_accumulator=0.1)
+TRUST_COEFFICIENT = 0.5
+
+
+def textbook_updates(name, params, grads, lr):
+    """Each step's update by the optimizer's textbook rule, in float64 NumPy, the params moving by
+    each update in turn. `params` and each of `grads` are flat {path: array}, as `flat` makes them."""
+    h = HYPER
+    params = {k: np.float64(v) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in params.items()}  # momentum, Adam's first moment, LARS's trace
+    v = {k: np.zeros_like(p) for k, p in params.items()}  # RMSprop's and Adam's second moment
+    acc = {k: np.full_like(p, h["adagrad_initial_accumulator"]) for k, p in params.items()}
+    steps = []
+    for t, grad in enumerate(grads, start=1):
+        updates = {}
+        for k, w in params.items():
+            g = np.float64(grad[k])
+            if name in ("momentum", "nesterov"):
+                m[k] = g + h["momentum"] * m[k]
+                u = g + h["momentum"] * m[k] if name == "nesterov" else m[k]
+            elif name == "adagrad":
+                acc[k] = acc[k] + g**2
+                u = g / np.sqrt(acc[k] + h["eps"])
+            elif name == "rmsprop":
+                v[k] = h["rmsprop_decay"] * v[k] + (1 - h["rmsprop_decay"]) * g**2
+                u = g / np.sqrt(v[k] + h["eps"])
+            elif name in ("adam", "adamw", "lamb"):
+                m[k] = h["b1"] * m[k] + (1 - h["b1"]) * g
+                v[k] = h["b2"] * v[k] + (1 - h["b2"]) * g**2
+                u = (m[k] / (1 - h["b1"] ** t)) / (np.sqrt(v[k] / (1 - h["b2"] ** t)) + h["eps"])
+            else:  # sgd, lars
+                u = g
+            if name in ("lars", "lamb") and k.endswith("['kernel']"):  # ||w|| / ||u||, kernels only
+                u = TRUST_COEFFICIENT * np.linalg.norm(w) / np.linalg.norm(u) * u
+            u = -lr * u
+            if name == "lars":  # LARS's momentum comes after the learning rate
+                m[k] = u + h["momentum"] * m[k]
+                u = m[k]
+            updates[k] = u
+        params = {k: params[k] + updates[k] for k in params}
+        steps.append(updates)
+    return steps
+
+
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
-def test_every_optimizer_takes_its_first_step_by_its_formula(name):
-    """The first update from a fresh state, for a gradient of ones and no weight decay, in closed
-    form: each optimizer's preconditioner, then the trust ratio (kernels only) and the learning rate."""
-    params = resnet20_params()
+def test_every_optimizer_takes_its_first_two_steps_by_its_formula(name):
+    """Two updates from a fresh state, for two different random gradients and no weight decay, against
+    `textbook_updates`. Two steps, because the first alone cannot tell SGD from momentum, LARS with
+    its momentum from without, or Adam's b1 from its b2 (bias correction cancels them)."""
+    rng = np.random.default_rng(0)
+    shapes = {"conv": {"kernel": (3, 3, 2, 4)}, "bn": {"scale": (4,), "bias": (4,)}}
+    shapes["dense"] = {"kernel": (4, 3), "bias": (3,)}
+
+    def draw(scale):
+        def leaf(shape):
+            return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+
+        return jax.tree.map(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+    params, grads = draw(1.0), [draw(0.1), draw(0.1)]
     lr = 0.1
     config = digits_config(
-        optimizer=name, learning_rate=lr, weight_decay=0.0, warmup_epochs=0.0, lr_schedule="constant"
+        optimizer=name,
+        learning_rate=lr,
+        weight_decay=0.0,
+        grad_clip_norm=0.0,
+        warmup_epochs=0.0,
+        lr_schedule="constant",
+        trust_coefficient=TRUST_COEFFICIENT,
+        **HYPER,
     )
-    updates = step_once(config, params, jax.tree.map(jnp.ones_like, params))
-    eps = optim.DEFAULT_EPS.get(name, 0.0)
-    preconditioned = {  # what each preconditioner makes of a first gradient of 1
-        "sgd": 1.0,
-        "momentum": 1.0,
-        "nesterov": 1.0 + config.momentum,  # g + momentum * (momentum buffer = g)
-        "adagrad": 1.0 / np.sqrt(config.adagrad_initial_accumulator + 1.0 + eps),
-        "rmsprop": 1.0 / np.sqrt((1 - config.rmsprop_decay) + eps),
-        "adam": 1.0 / (1.0 + eps),
-        "adamw": 1.0 / (1.0 + eps),
-        "lars": 1.0,
-        "lamb": 1.0 / (1.0 + eps),
-    }[name]
-    coefficient = optim.DEFAULT_TRUST_COEFFICIENTS.get(name)
-
-    def expected(path, param):
-        u = np.full(param.shape, preconditioned, np.float32)
-        if coefficient is not None and path[-1].key == "kernel":  # LARS, LAMB: ||w|| / ||u||
-            u = u * coefficient * np.linalg.norm(param) / np.linalg.norm(u)
-        return -lr * u
-
-    reference = jax.tree_util.tree_map_with_path(expected, params)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=1e-9), updates, reference)
+    tx, _ = optim.create(config, steps_per_epoch=10, total_steps=100)
+    reference = textbook_updates(name, flat(params), [flat(g) for g in grads], lr)
+    state = tx.init(params)
+    for t, (grad, want) in enumerate(zip(grads, reference, strict=True), start=1):
+        updates, state = tx.update(grad, state, params)
+        params = optax.apply_updates(params, updates)
+        for path, got in flat(updates).items():
+            np.testing.assert_allclose(got, want[path], rtol=1e-5, atol=1e-8, err_msg=f"step {t}: {path}")
 
 
 def test_bad_optimizer_settings_are_rejected_up_front():
