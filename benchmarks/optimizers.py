@@ -31,6 +31,8 @@ def run(name: str, epochs: float, seed: int, label_smoothing: float = 0.0) -> di
     config = digits.get_config()
     config.optimizer, config.num_epochs, config.seed = name, epochs, seed
     config.label_smoothing = label_smoothing
+    # The recipe the published table was measured with (the quick start has since changed both).
+    config.zero_init_residual, config.warmup_epochs = True, 1.0
     config.learning_rate = config.weight_decay = None
     config.eval_every_steps, config.eval_images = 10**9, 0  # evaluate once, at the end
     start = time.perf_counter()
