@@ -30,11 +30,7 @@ def evaluate_checkpoint(workdir: str, which: str = "latest", overrides: list[str
             f"was trained with {trained.info.num_classes}"
         )
     mesh = parallel.create_mesh()
-    batch_size = config.eval_batch_size or config.batch_size
-    try:
-        parallel.check_batch_size("config.eval_batch_size", batch_size, mesh)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    batch_size = inference.eval_batch_size(config, mesh)
     eval_step = inference.compile_eval_step(trained.model, dataset.info, mesh)
     collection = inference.evaluate(eval_step, trained.state, dataset, batch_size=batch_size, mesh=mesh)
     result = collection.compute()

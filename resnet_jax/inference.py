@@ -22,6 +22,17 @@ from resnet_jax.step import TrainState, eval_step
 EvalStep = Callable[[TrainState, dict[str, jax.Array]], metrics.EvalMetrics]
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> int:
+    """`config.eval_batch_size`, or `batch_size` when it is 0; checked to split over `mesh` if given."""
+    size = config.eval_batch_size or config.batch_size
+    if mesh is not None:
+        try:
+            parallel.check_batch_size("config.eval_batch_size", size, mesh)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return size
+
+
 def compile_eval_step(model: flax.linen.Module, info: data.DatasetInfo, mesh: jax.sharding.Mesh) -> EvalStep:
     """`step.eval_step` jit-compiled over `mesh`: state replicated, batch split over `data`."""
     return jax.jit(

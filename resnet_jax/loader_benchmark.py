@@ -23,7 +23,6 @@ from absl import flags
 from PIL import Image
 
 from resnet_jax import cli, data, sources
-from resnet_jax.errors import UserError, check_choice
 
 KINDS = {
     # kind: (batch size, image size, number of source images)
@@ -115,12 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_integer("batches", 50, "Timed batches per row.", flag_values=flag_values)
     flags.DEFINE_string("json", None, "Also write the rows to this file.", flag_values=flag_values)
     cli.parse(flag_values, argv, prog="python -m resnet_jax.loader_benchmark", doc=__doc__)
+    unknown = [kind for kind in flag_values.kinds if kind not in KINDS]
+    if unknown:
+        cli.fail(f"--kinds={unknown[0]!r} is not valid; choose one of: {', '.join(KINDS)}")
     try:
-        for kind in flag_values.kinds:
-            check_choice("--kinds", kind, KINDS)
         workers = [int(w) for w in flag_values.workers]
-    except ValueError as e:
-        cli.fail(str(e) if isinstance(e, UserError) else f"--workers={flag_values.workers!r}: integers")
+    except ValueError:
+        cli.fail(f"--workers={','.join(flag_values.workers)!r} must be integers, e.g. 0,1,2")
     if flag_values.batches < 1 or any(w < 0 for w in workers):
         cli.fail("--batches must be positive and --workers 0 or more")
     rows = run(flag_values.kinds, workers, flag_values.batches)

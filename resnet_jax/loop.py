@@ -56,8 +56,9 @@ class ThroughputWindow:
 
     def restart_clock(self) -> float:
         """Seconds since the window started; the clock (not the metrics) starts again from now."""
-        elapsed = self.clock() - self.start
-        self.start, self.steps = self.clock(), 0
+        now = self.clock()
+        elapsed = now - self.start
+        self.start, self.steps = now, 0
         return elapsed
 
     def exclude(self, seconds: float) -> None:
@@ -121,17 +122,17 @@ class NonFiniteGuard:
 class SkippedImages:
     """Unreadable files the loader passed over (folder datasets), reported once per epoch."""
 
-    def __init__(self, steps_per_epoch: int):
-        self.steps_per_epoch, self.count = steps_per_epoch, 0
+    def __init__(self, epochs: Cadence):
+        self.epochs, self.count = epochs, 0
 
     def add(self, skipped: np.ndarray | None) -> None:
         """`skipped`: the batch's per-example flags (absent for sources that cannot skip)."""
         if skipped is not None:
             self.count += int(np.sum(skipped))
 
-    def take(self, step: int, last: bool) -> int:
+    def take(self, step: int) -> int:
         """The count to report at an epoch's end (or the run's) and reset; 0 at other steps."""
-        if not (step % self.steps_per_epoch == 0 or last):
+        if not self.epochs.due(step):
             return 0
         count, self.count = self.count, 0
         return count

@@ -316,7 +316,7 @@ def linear_guess(seen: dict[int, Compiled], unit: int, usable: int) -> int | Non
 
 def run_target(spec: dict[str, Any]) -> dict[str, Any]:
     """Everything the preflight measures for one target (the worker process's job)."""
-    from resnet_jax import parallel
+    from resnet_jax import inference, parallel
 
     config, info, target = spec["config"], spec["info"], targets.target(spec["target"])
     mesh = parallel.create_mesh(topology_devices(target))
@@ -329,7 +329,7 @@ def run_target(spec: dict[str, Any]) -> dict[str, Any]:
         return compile_step(config, info, target, mesh, batch_size, mode, spec["hlo_dir"])
 
     train_step = probe(config.batch_size)
-    eval_batch = config.eval_batch_size or config.batch_size
+    eval_batch = inference.eval_batch_size(config)
     eval_step = probe(eval_batch, "eval") if train_step.compiled and spec.get("eval", True) else None
     row: dict[str, Any] = {
         "train": dataclasses.asdict(train_step),

@@ -51,7 +51,6 @@ class CompiledSteps:
 
     def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh):
         self.config, self.info, self.mesh = config, info, mesh
-        self.eval_batch_size = config.eval_batch_size or config.batch_size
         try:
             parallel.check_batch_size(
                 "config.batch_size",
@@ -60,9 +59,9 @@ class CompiledSteps:
                 grad_accum_steps=config.grad_accum_steps,
                 bn_group_size=config.bn_group_size,
             )
-            parallel.check_batch_size("config.eval_batch_size", self.eval_batch_size, mesh)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        self.eval_batch_size = inference.eval_batch_size(config, mesh)
         self.steps_per_epoch = max(1, info.num_train // config.batch_size)
         self.total_steps = (
             config.num_train_steps
@@ -167,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     window = loop.ThroughputWindow(config.batch_size)
     # float16 overflows are expected: loss scaling skips those steps and adapts instead of stopping.
     guard = loop.NonFiniteGuard(enabled=not (config.skip_nonfinite_steps or steps.loss_scaling))
-    skipped = loop.SkippedImages(steps_per_epoch)
+    skipped = loop.SkippedImages(loop.Cadence.from_config(0, steps_per_epoch, total))
 
     def save(step: int, eval_scalars: dict[str, float] | None) -> None:
         guard.check(checkpoints)
@@ -197,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     jax.block_until_ready(state)
                     log(f"step {step} done: compile + first step {window.restart_clock():.1f}s")
                 last = step == total
-                if count := skipped.take(step, last):
+                if count := skipped.take(step):
                     progress.warn(f"epoch {step / steps_per_epoch:.0f}: skipped {count} unreadable image(s)")
                     writer.write_scalars(step, {"train_skipped_images": count})
                 if log_cadence.due(step):

@@ -95,12 +95,12 @@ def test_nonfinite_guard_without_a_checkpoint_says_none_and_disabled_guard_never
 
 
 def test_skipped_images_are_reported_at_epoch_ends_and_at_the_last_step():
-    skipped = loop.SkippedImages(steps_per_epoch=10)
+    skipped = loop.SkippedImages(loop.Cadence.from_config(0, steps_per_epoch=10, total_steps=23))
     skipped.add(np.array([0, 1, 0, 1]))
     skipped.add(None)  # sources that cannot skip
-    assert skipped.take(5, last=False) == 0
+    assert skipped.take(5) == 0
     skipped.add(np.array([1, 0]))
-    assert skipped.take(10, last=False) == 3
-    assert skipped.take(20, last=False) == 0  # reset after the report
+    assert skipped.take(10) == 3
+    assert skipped.take(20) == 0  # reset after the report
     skipped.add(np.array([1]))
-    assert skipped.take(23, last=True) == 1
+    assert skipped.take(23) == 1
