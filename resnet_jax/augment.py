@@ -3,20 +3,109 @@
 Train transforms take `(example, rng)` with grain's per-example generator, so
 augmentation is a pure function of the seed and the example's position: a
 resumed run sees exactly the same crops and flips.
+
+Sources of image files (folders, TFDS) hand over `EncodedImage` bytes rather than pixels: the
+ImageNet-style train transform chooses its crop from the header's size first, then decodes a JPEG
+at the smallest DCT scale that keeps the crop at least as large as the output
+(`decode_crop_resize`), and resizes straight from the decoded image to the output size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from resnet_jax.errors import ImageError
+
 AUGMENTATIONS = ("auto", "cifar", "imagenet", "shift", "none")
 IMAGENET_EVAL_CROP = 0.875  # resize to size / 0.875 (256 for 224), then center-crop
 Example = dict[str, Any]  # one image and its label (and flags), as the sources and loaders pass it
+DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, decoded by the transform only as far as its crop needs."""
+
+    data: bytes
+    name: str  # the file or record, for messages
+
+
+def encoded_or_decoded(data: bytes, name: str, channels: int = 3) -> EncodedImage | np.ndarray:
+    """A complete JPEG or PNG file as `EncodedImage` (decoded later, lazily), anything else decoded
+    now. Raises OSError/ValueError/SyntaxError (PIL's) when the file cannot be read, so that the
+    source can skip it: a truncated JPEG or PNG lacks its end marker and is decoded here to find out."""
+    with Image.open(io.BytesIO(data)) as image:  # parses the header only
+        kind = image.format
+    tail = data.rstrip(b"\0")
+    if (kind == "JPEG" and tail.endswith(b"\xff\xd9")) or (kind == "PNG" and tail[-8:-4] == b"IEND"):
+        return EncodedImage(data, name)
+    return decode_image(data, channels)
+
+
+def open_image(image: np.ndarray | EncodedImage) -> Image.Image:
+    """A PIL image to crop from; an `EncodedImage` is only parsed up to its header here."""
+    if isinstance(image, EncodedImage):
+        try:
+            return Image.open(io.BytesIO(image.data))
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(f"cannot decode {image.name}: {e}") from None
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def decode_crop_resize(
+    image: np.ndarray | EncodedImage | Image.Image,
+    box: tuple[int, int, int, int],
+    size: int,
+    channels: int,
+    draft: bool = True,
+    name: str = "image",
+) -> np.ndarray:
+    """The (top, left, height, width) `box` of the image, resized to size x size (bilinear,
+    antialiased when shrinking) in one PIL pass.
+
+    A JPEG is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps the box at least
+    `size` pixels on both sides, so the pixels cover the same region at no less than the output's
+    resolution. Other formats and arrays are used as they are. A PIL `image` must not be loaded yet.
+    """
+    pil = image if isinstance(image, Image.Image) else open_image(image)
+    top, left, height, width = box
+    full_width, full_height = pil.size
+    scale = 1
+    if draft and pil.format == "JPEG":
+        scale = next((s for s in DCT_SCALES if min(height, width) >= s * size), 1)
+        if scale > 1:
+            pil.draft(None, (full_width // scale, full_height // scale))
+            scale = full_width / pil.size[0]  # what libjpeg chose (its sizes round up)
+            scale = 2 ** round(math.log2(scale))
+    try:
+        pil = to_mode(pil, channels)
+        region = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+        out = np.asarray(pil.resize((size, size), Image.BILINEAR, box=region), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"cannot decode {getattr(image, 'name', name)}: {e}") from None
+    return out.reshape(size, size, channels)
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    mode = "L" if channels == 1 else "RGB"
+    return image if image.mode == mode else image.convert(mode)
+
+
+def as_array(image: np.ndarray | EncodedImage, channels: int) -> np.ndarray:
+    """Decoded uint8 HWC pixels with `channels` channels."""
+    if isinstance(image, EncodedImage):
+        try:
+            return decode_image(image.data, channels)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ImageError(f"cannot decode {image.name}: {e}") from None
+    return match_channels(image, channels)
 
 
 def decode_image(source: str | bytes, channels: int = 3) -> np.ndarray:
@@ -80,31 +169,46 @@ def random_shift(image: np.ndarray, rng: np.random.Generator, pad: int) -> np.nd
     return padded[dy : dy + h, dx : dx + w]
 
 
-def random_resized_crop(
-    image: np.ndarray,
+def random_resized_crop_box(
+    height: int,
+    width: int,
     rng: np.random.Generator,
-    size: int,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> np.ndarray:
-    """Inception-style crop: a random area fraction and aspect ratio, resized to size x size."""
-    h, w = image.shape[:2]
-    area = h * w
+) -> tuple[int, int, int, int]:
+    """Inception-style crop (torchvision's RandomResizedCrop): a random area fraction and aspect
+    ratio; returns (top, left, height, width), chosen before any pixel is decoded."""
+    area = height * width
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         crop_w = round(math.sqrt(target * aspect))
         crop_h = round(math.sqrt(target / aspect))
-        if 0 < crop_w <= w and 0 < crop_h <= h:
-            top = int(rng.integers(0, h - crop_h + 1))
-            left = int(rng.integers(0, w - crop_w + 1))
-            return resize(image[top : top + crop_h, left : left + crop_w], size, size)
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return top, left, crop_h, crop_w
     # Fallback: the largest central crop within the ratio bounds.
-    aspect = min(max(w / h, ratio[0]), ratio[1])
-    crop_w, crop_h = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
-    crop_h, crop_w = min(crop_h, h), min(crop_w, w)
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    return resize(image[top : top + crop_h, left : left + crop_w], size, size)
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    crop_w, crop_h = (
+        (width, round(width / aspect)) if width / height < aspect else (round(height * aspect), height)
+    )
+    crop_h, crop_w = min(crop_h, height), min(crop_w, width)
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def random_resized_crop(
+    image: np.ndarray | EncodedImage,
+    rng: np.random.Generator,
+    size: int,
+    channels: int = 3,
+    draft: bool = True,
+) -> np.ndarray:
+    """An Inception-style crop resized to size x size, decoding no more than it needs."""
+    pil = open_image(image)  # the header only
+    width, height = pil.size
+    box = random_resized_crop_box(height, width, rng)
+    return decode_crop_resize(pil, box, size, channels, draft, getattr(image, "name", "image"))
 
 
 def choose(augment: str, dataset_name: str, source_size: int | None, image_size: int) -> str:
@@ -119,31 +223,53 @@ def choose(augment: str, dataset_name: str, source_size: int | None, image_size:
     return "cifar" if small and image_size <= 64 else "imagenet"
 
 
-class TrainTransform:
-    """Picklable (for grain worker processes) train-time preprocessing of one example."""
+Policy = Callable[[Image.Image, np.random.Generator], Image.Image]
+Eraser = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
-    def __init__(self, style: str, size: int, channels: int):
+
+class TrainTransform:
+    """Picklable (for grain worker processes) train-time preprocessing of one example: the style's
+    crop and flip, then the `policy` (RandAugment, TrivialAugment) and random `erase`, in timm's
+    order. `draft=False` decodes JPEGs in full (the loader benchmark's "before")."""
+
+    def __init__(
+        self,
+        style: str,
+        size: int,
+        channels: int,
+        policy: Policy | None = None,
+        erase: Eraser | None = None,
+        draft: bool = True,
+    ):
         self.style, self.size, self.channels = style, size, channels
+        self.policy, self.erase, self.draft = policy, erase, draft
 
     def __call__(self, example: Example, rng: np.random.Generator) -> Example:
-        image = match_channels(example["image"], self.channels)
         if self.style == "imagenet":
-            image = random_flip(random_resized_crop(image, rng, self.size), rng)
+            image = random_flip(
+                random_resized_crop(example["image"], rng, self.size, self.channels, self.draft), rng
+            )
         else:
-            image = resize_shorter_and_center_crop(image, self.size)
+            image = resize_shorter_and_center_crop(as_array(example["image"], self.channels), self.size)
             if self.style == "cifar":
                 image = random_flip(random_shift(image, rng, pad=max(1, self.size // 8)), rng)
             elif self.style == "shift":
                 image = random_shift(image, rng, pad=max(1, self.size // 8))
+        if self.policy is not None:
+            image = np.asarray(self.policy(open_image(np.ascontiguousarray(image)), rng), np.uint8)
+            image = image.reshape(self.size, self.size, self.channels)
+        if self.erase is not None:
+            image = self.erase(image, rng)
         return {**example, "image": np.ascontiguousarray(image)}
 
 
 class EvalTransform:
-    """Deterministic eval preprocessing: shorter side to size / crop, center crop."""
+    """Deterministic eval preprocessing: shorter side to size / crop, center crop (torchvision's
+    pixels exactly: files are decoded in full)."""
 
     def __init__(self, size: int, channels: int, crop: float = 1.0):
         self.size, self.channels, self.crop = size, channels, crop
 
     def __call__(self, example: Example) -> Example:
-        image = match_channels(example["image"], self.channels)
+        image = as_array(example["image"], self.channels)
         return {**example, "image": resize_shorter_and_center_crop(image, self.size, self.crop)}

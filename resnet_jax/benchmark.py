@@ -279,7 +279,7 @@ def device_batches(steps: train.CompiledSteps, batch_size: int, seed: int, mask:
         functools.partial(
             synthetic_batch,
             batch_size=batch_size,
-            image_shape=info.image_shape,
+            image_shape=info.eval_image_shape if mask else info.image_shape,
             num_classes=info.num_classes,
             mask=mask,
         ),
@@ -291,16 +291,11 @@ def device_batches(steps: train.CompiledSteps, batch_size: int, seed: int, mask:
 def pipeline_batches(
     steps: train.CompiledSteps, dataset: data.Dataset, config: ml_collections.ConfigDict, mode: str
 ) -> Iterator[dict]:
-    """Batches from the real input pipeline, turned into global arrays step by step like `train.py`."""
+    """Batches from the real input pipeline, turned into global arrays like `train.py` does (for
+    training: its loader, workers and device prefetch)."""
     count, index = jax.process_count(), jax.process_index()
     if mode == "train":
-        local = data.train_loader(
-            dataset,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            process_index=index,
-            process_count=count,
-        )
+        return (batch for _, batch in train.device_batches(steps, dataset))
     else:
         local = itertools.chain.from_iterable(
             data.eval_batches(

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import augment, data, defaults, models, optim, progress
+from resnet_jax import augment, autoaugment, data, defaults, models, optim, progress
 from resnet_jax.errors import ConfigError, check_choice, did_you_mean
 
 # key, low (inclusive), high (exclusive); None values (the optimizer's defaults) are not checked.
@@ -33,7 +33,11 @@ RANGES = (
     ("drop_path_rate", 0.0, 1.0),
     ("dropout_rate", 0.0, 1.0),
     ("loss_scale_init", 1.0, float("inf")),
+    ("random_erase_prob", 0.0, 1.0 + 1e-9),
+    ("eval_crop_pct", 0.0, 1.0 + 1e-9),
+    ("bce_target_threshold", 0.0, 1.0),
 )
+LOSSES = ("softmax", "bce")
 
 
 def _positive_int(config: Any, key: str) -> None:
@@ -98,6 +102,13 @@ def check_config(config: Any, workdir: str | None = None) -> ml_collections.Conf
                 "use optimizer='adam' for Adam with L2 decay"
             )
         check_choice("config.augment", config.augment, augment.AUGMENTATIONS)
+        autoaugment.create_policy(config.auto_augment, fill=(0, 0, 0))  # raises on a bad policy
+        check_choice("config.loss", config.loss, LOSSES)
+        if config.bce_target_threshold is not None and config.loss != "bce":
+            raise ConfigError(
+                f"config.bce_target_threshold={config.bce_target_threshold!r} applies to loss='bce' only "
+                f"(config.loss={config.loss!r})"
+            )
         check_choice("config.progress", config.progress, progress.PROGRESS_MODES)
         progress.parse_profile_steps(config.profile_steps)
         try:
@@ -111,6 +122,11 @@ def check_config(config: Any, workdir: str | None = None) -> ml_collections.Conf
     if config.eval_batch_size:
         _positive_int(config, "eval_batch_size")
     _positive_int(config, "grad_accum_steps")
+    _positive_int(config, "repeated_aug")
+    for key, zero_means in (("eval_image_size", "image_size"), ("device_prefetch", "off")):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"config.{key}={value!r} must be 0 ({zero_means}) or a positive integer")
     if config.bn_group_size:
         _positive_int(config, "bn_group_size")
     eval_images = config.eval_images
@@ -126,7 +142,9 @@ def check_config(config: Any, workdir: str | None = None) -> ml_collections.Conf
     for key, low, high in RANGES:
         value = config[key]
         if value is not None and not low <= value < high:
-            raise ConfigError(f"config.{key}={value!r} must be in [{low}, {high})")
+            closed = 0 < high - round(high, 6) < 1e-6  # the ranges' "+ 1e-9" marks an inclusive bound
+            interval = f"[{low:g}, {round(high, 6):g}]" if closed else f"[{low:g}, {high:g})"
+            raise ConfigError(f"config.{key}={value!r} must be in {interval}")
     _positive_int(config, "loss_scale_period")
     epochs = list(config.lr_step_epochs)
     if config.lr_schedule == "step" and (not epochs or epochs != sorted(epochs) or min(epochs) < 0):

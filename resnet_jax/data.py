@@ -18,7 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from resnet_jax import augment, progress, sources
+from resnet_jax import augment, autoaugment, progress, sources
 from resnet_jax.augment import Example
 
 SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
@@ -31,7 +31,7 @@ class DatasetInfo:
 
     name: str
     num_classes: int
-    image_shape: tuple[int, int, int]  # (height, width, channels) of the batches
+    image_shape: tuple[int, int, int]  # (height, width, channels) of the train batches
     mean: tuple[float, ...]  # per channel, in uint8 units
     std: tuple[float, ...]
     class_names: tuple[str, ...]
@@ -39,6 +39,12 @@ class DatasetInfo:
     num_eval: int
     eval_crop: float = 1.0  # eval: resize the shorter side to size / eval_crop, then center-crop
     augment: str = "none"  # the train augmentation in use (augment.AUGMENTATIONS)
+    eval_image_shape: tuple[int, int, int] | None = None  # eval batches (None: image_shape)
+
+    def __post_init__(self):
+        if self.eval_image_shape is None:
+            object.__setattr__(self, "eval_image_shape", self.image_shape)
+        object.__setattr__(self, "eval_image_shape", tuple(self.eval_image_shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +82,7 @@ def estimate_stats(
     return channel_stats(np.stack([transform(source[int(i)])["image"] for i in indices]))
 
 
-def load_digits(image_size: int, augment_style: str = "auto") -> Dataset:
+def load_digits(image_size: int, augment_style: str = "auto", **preprocessing: Any) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 real images); fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
@@ -96,7 +102,7 @@ def load_digits(image_size: int, augment_style: str = "auto") -> Dataset:
         source_size=image_size,
         stats=channel_stats(train_x),  # exact: the whole train split is in memory
     )
-    return assemble(found, image_size, augment_style)
+    return assemble(found, image_size, augment_style, **preprocessing)
 
 
 # ImageNet-sized epochs so that epoch-based schedules look like the real run.
@@ -119,11 +125,27 @@ def load_synthetic(image_size: int) -> Dataset:
     return assemble(found, image_size, "none")
 
 
-def assemble(found: sources.Found, image_size: int, augment_style: str) -> Dataset:
-    """Sources + the augmentation for the data and size + statistics -> a `Dataset`."""
+def assemble(
+    found: sources.Found,
+    image_size: int,
+    augment_style: str,
+    *,
+    auto_augment: str = "none",
+    random_erase_prob: float = 0.0,
+    eval_image_size: int = 0,
+    eval_crop_pct: float = 0.0,
+    draft: bool = True,
+) -> Dataset:
+    """Sources + the augmentation for the data and size + statistics -> a `Dataset`.
+
+    `auto_augment` and `random_erase_prob` add a policy and random erasing after the style's crop
+    and flip; `eval_image_size` (0: `image_size`) and `eval_crop_pct` (0: 0.875 for ImageNet-style
+    data, else 1) set the eval preprocessing, e.g. testing above the train resolution (FixRes).
+    """
     style = augment.choose(augment_style, found.name, found.source_size, image_size)
-    crop = augment.IMAGENET_EVAL_CROP if style == "imagenet" else 1.0
-    eval_transform = augment.EvalTransform(image_size, found.channels, crop)
+    crop = eval_crop_pct or (augment.IMAGENET_EVAL_CROP if style == "imagenet" else 1.0)
+    eval_size = eval_image_size or image_size
+    eval_transform = augment.EvalTransform(eval_size, found.channels, crop)
     mean, std = found.stats or estimate_stats(found.train, eval_transform)
     info = DatasetInfo(
         name=found.name,
@@ -136,8 +158,11 @@ def assemble(found: sources.Found, image_size: int, augment_style: str) -> Datas
         num_eval=len(found.eval),
         eval_crop=crop,
         augment=style,
+        eval_image_shape=(eval_size, eval_size, found.channels),
     )
-    train_transform = augment.TrainTransform(style, image_size, found.channels)
+    policy = autoaugment.create_policy(auto_augment, fill=[round(m) for m in mean])
+    erase = autoaugment.RandomErasing(random_erase_prob, mean, std) if random_erase_prob > 0 else None
+    train_transform = augment.TrainTransform(style, image_size, found.channels, policy, erase, draft)
     return Dataset(info, found.train, found.eval, train_transform, eval_transform)
 
 
@@ -148,8 +173,14 @@ def load(config: Any) -> Dataset:
     """
     kind, arg = parse_spec(config.dataset)
     style = config.augment
+    preprocessing = dict(
+        auto_augment=config.auto_augment,
+        random_erase_prob=config.random_erase_prob,
+        eval_image_size=config.eval_image_size,
+        eval_crop_pct=config.eval_crop_pct,
+    )
     if kind == "digits":
-        return load_digits(config.image_size, style)
+        return load_digits(config.image_size, style, **preprocessing)
     if kind == "synthetic":
         return load_synthetic(config.image_size)
     if kind == "tfds":
@@ -162,7 +193,7 @@ def load(config: Any) -> Dataset:
         )
     else:
         found = sources.find_folder(config.dataset, arg, config.folder_eval_fraction)
-    return assemble(found, config.image_size, style)
+    return assemble(found, config.image_size, style, **preprocessing)
 
 
 def write_class_names(info: DatasetInfo, workdir: str) -> str:
@@ -205,6 +236,20 @@ def _prepare_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class RepeatedExamples:
+    """Position j of epoch e -> example j // k of epoch e's shuffled order: each epoch keeps its
+    length but holds N / k distinct images, k times each, side by side (timm's RepeatAugSampler).
+    Neighbouring positions go to different processes, and every copy is augmented by its own
+    position, so the k copies differ."""
+
+    def __init__(self, shuffled: grain.MapDataset, epoch_length: int, repeats: int):
+        self.shuffled, self.epoch_length, self.repeats = shuffled, epoch_length, repeats
+
+    def __call__(self, position: int) -> Example:
+        epoch, offset = divmod(position, self.epoch_length)
+        return self.shuffled[epoch * self.epoch_length + offset // self.repeats]
+
+
 def train_loader(
     dataset: Dataset,
     *,
@@ -213,6 +258,7 @@ def train_loader(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
+    repeats: int = 1,
 ) -> grain.DatasetIterator:
     """Endless host-local train batches: a fresh seeded shuffle every epoch, augmented.
 
@@ -220,15 +266,15 @@ def train_loader(
     index, so the set of examples in a global batch and their augmentation do not depend on the
     number of processes. With `num_workers > 0`, grain worker processes read,
     decode and augment; the batches (and the checkpointable iterator state) are the same as without.
+    `repeats` k > 1 is repeated augmentation (`RepeatedExamples`).
     """
     local_batch = global_batch_size // process_count
-    ds = (
-        grain.MapDataset.source(dataset.train_source)
-        .seed(seed)
-        .shuffle()
-        .repeat(None)
-        .random_map(dataset.train_transform)[process_index::process_count]
-        .batch(local_batch, drop_remainder=True, batch_fn=stack_examples)
+    ds = grain.MapDataset.source(dataset.train_source).seed(seed).shuffle().repeat(None)
+    if repeats > 1:
+        repeated = RepeatedExamples(ds, len(dataset.train_source), repeats)
+        ds = grain.MapDataset.range(len(ds)).seed(seed).map(repeated)
+    ds = ds.random_map(dataset.train_transform)[process_index::process_count].batch(
+        local_batch, drop_remainder=True, batch_fn=stack_examples
     )
     if num_workers > 0:
         reason = _workers_unavailable()
@@ -254,7 +300,7 @@ def eval_batches(
     """
     source, n = dataset.eval_source, len(dataset.eval_source)
     num_batches = -(-n // global_batch_size)
-    shape = dataset.info.image_shape
+    shape = dataset.info.eval_image_shape
 
     def example(index: int) -> Example:
         if index < n:

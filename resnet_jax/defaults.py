@@ -26,10 +26,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data dir (None: tfds default)
     config.image_size = 224
     config.augment = "auto"  # auto | cifar | imagenet | shift | none (auto: by dataset and image size)
+    # After the crop and flip (resnet_jax/autoaugment.py): none | trivialaugment (torchvision's
+    # TrivialAugmentWide) | randaugment (= rand-m9-mstd0.5) | a timm string such as rand-m7-mstd0.5-inc1.
+    config.auto_augment = "none"
+    config.random_erase_prob = 0.0  # timm's random erasing with per-pixel noise, after the policy
+    # Repeated augmentation: k > 1 shows each epoch N / k images k times, differently augmented.
+    config.repeated_aug = 1
+    # Eval preprocessing: shorter side to eval_image_size / eval_crop_pct, then the central square.
+    config.eval_image_size = 0  # 0: image_size; larger tests above the train resolution (FixRes)
+    config.eval_crop_pct = 0.0  # 0: 0.875 for ImageNet-style augmentation, else 1
     config.train_split = "train"  # tfds split names
     config.eval_split = "auto"  # auto: validation if the dataset has one, else test
     config.folder_eval_fraction = 0.1  # folder: without train/ and val/, this share of each class is eval
     config.num_workers = -1  # grain worker processes per host; -1: 0 for in-memory data, else one per core
+    config.device_prefetch = 1  # global batches sent to the devices ahead of the step (0: none)
     config.batch_size = 256  # global, over all devices and hosts
     config.eval_batch_size = 0  # 0: same as batch_size
     # Micro-batches per step (gradients averaged, one optimizer update): batch_size // k examples
@@ -70,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_step_epochs = (30, 60, 80)  # step: multiply by lr_decay_factor at these epochs
     config.lr_decay_factor = 0.1
     config.lr_power = 2.0  # polynomial
+
+    # Loss: softmax (cross-entropy) | bce (per-class sigmoid binary cross-entropy, averaged over the
+    # classes, as timm's BinaryCrossEntropy; with bce_target_threshold, targets above it become 1).
+    config.loss = "softmax"
+    config.bce_target_threshold = ml_collections.config_dict.placeholder(float)
 
     # Regularisation.
     config.label_smoothing = 0.0

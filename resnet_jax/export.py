@@ -65,7 +65,7 @@ def serving_function(
 
 
 def input_spec(trained: TrainedModel, batch: Any) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((batch, *trained.info.image_shape), jnp.uint8)
+    return jax.ShapeDtypeStruct((batch, *trained.info.eval_image_shape), jnp.uint8)
 
 
 def with_float32_compute(trained: TrainedModel) -> TrainedModel:
@@ -111,7 +111,7 @@ def to_onnx(trained: TrainedModel, outputs: str = "probabilities") -> bytes:
 def metadata(trained: TrainedModel, fmt: str, outputs: str) -> dict[str, Any]:
     """What a server needs beside the graph: the input contract, the preprocessing and the labels."""
     info = trained.info
-    height, width, channels = info.image_shape
+    height, width, channels = info.eval_image_shape
     return {
         "format": fmt,
         "metadata_version": METADATA_VERSION,

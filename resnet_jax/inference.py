@@ -119,8 +119,9 @@ def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
         ),
     )
     info_fields = dict(items["dataset"])
-    for key in ("image_shape", "mean", "std", "class_names"):
-        info_fields[key] = tuple(info_fields[key])
+    for key in ("image_shape", "eval_image_shape", "mean", "std", "class_names"):
+        if info_fields.get(key) is not None:  # eval_image_shape: absent before it existed
+            info_fields[key] = tuple(info_fields[key])
     info = data.DatasetInfo(**info_fields)
     config = complete_config(ml_collections.ConfigDict(items["config"]))
     saved = items["state"]

@@ -23,7 +23,7 @@ from resnet_jax.step import eval_logits
 
 def read_images(paths: list[str], info: data.DatasetInfo) -> np.ndarray:
     """Decode, resize and center-crop image files as evaluation does; `ImageError` names a bad file."""
-    height, _, channels = info.image_shape
+    height, _, channels = info.eval_image_shape
     images = []
     for path in paths:
         try:

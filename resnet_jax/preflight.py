@@ -125,6 +125,7 @@ def dataset_info(config: ml_collections.ConfigDict, num_classes: int | None) -> 
         class_names=tuple(f"class_{i}" for i in range(num_classes)),
         num_train=data.SYNTHETIC_SIZES["train"],
         num_eval=data.SYNTHETIC_SIZES["eval"],
+        eval_image_shape=((config.eval_image_size or size),) * 2 + (channels,),
     )
     return info, f"{'TFDS metadata' if kind == 'tfds' else '--num_classes'} (dataset not found here)"
 
@@ -209,8 +210,9 @@ def compile_step(
     steps = train.CompiledSteps(config, info, mesh)
     replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
     state = checkpoint.with_sharding(jax.eval_shape(steps.init, rng_key(config.seed)), replicated)
+    image_shape = info.eval_image_shape if mode == "eval" else info.image_shape
     batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, *info.image_shape), jnp.uint8, sharding=sharded),
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8, sharding=sharded),
         "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharded),
     }
     step = steps.train_step

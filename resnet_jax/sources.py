@@ -90,18 +90,26 @@ class SyntheticSource:
 
 
 class TfdsSource:
-    """A `tfds.data_source` split with its image and label features renamed to `image` and `label`."""
+    """A `tfds.data_source` split with its image and label features renamed to `image` and `label`.
 
-    def __init__(self, source: Sequence[dict[str, Any]], image_key: str, label_key: str):
-        self.source, self.image_key, self.label_key = source, image_key, label_key
+    Opened with TFDS's image decoding skipped, it hands over the stored JPEG/PNG bytes as
+    `EncodedImage`, which the transform decodes only as far as its crop needs.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]], image_key: str, label_key: str, name: str = "tfds"):
+        self.source, self.image_key, self.label_key, self.name = source, image_key, label_key, name
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> Example:
         record = self.source[index]
-        image = np.asarray(record[self.image_key], dtype=np.uint8)
-        image = image if image.ndim == 3 else image[..., None]
+        image = record[self.image_key]
+        if isinstance(image, bytes):
+            image = augment.EncodedImage(image, f"{self.name}[{index}]")
+        else:
+            image = np.asarray(image, dtype=np.uint8)
+            image = image if image.ndim == 3 else image[..., None]
         return {"image": image, "label": np.int32(record[self.label_key])}
 
 
@@ -152,7 +160,18 @@ def find_tfds(spec: str, name: str, data_dir: str | None, train_split: str, eval
     image_key, label_key = _feature_keys(builder.info.features, spec)
 
     def open_split(split: str) -> Sequence[dict[str, Any]]:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        undecoded = tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+        try:
+            undecoded[0] if len(undecoded) else None
+        except ImportError:  # tfds.testing.mock_data makes records by encoding with TensorFlow
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        return undecoded
 
     if eval_split == "auto":
         present = list(builder.info.splits.keys())  # empty when unprepared and under mock_data
@@ -183,8 +202,8 @@ def find_tfds(spec: str, name: str, data_dir: str | None, train_split: str, eval
     label_feature = builder.info.features[label_key]
     return Found(
         name=name,
-        train=TfdsSource(train, image_key, label_key),
-        eval=TfdsSource(evaluation, image_key, label_key),
+        train=TfdsSource(train, image_key, label_key, f"{name}:{train_split}"),
+        eval=TfdsSource(evaluation, image_key, label_key, f"{name}:{split}"),
         class_names=tuple(label_feature.names),
         channels=channels or 3,
         source_size=height if height and height == width else None,
@@ -196,7 +215,8 @@ def find_tfds(spec: str, name: str, data_dir: str | None, train_split: str, eval
 
 
 class FolderSource:
-    """Image files read and decoded on access; an unreadable file is skipped with a warning.
+    """Image files read on access, as `EncodedImage` bytes that the transform decodes (only as much
+    as its crop needs); an unreadable file is skipped with a warning.
 
     Train sources (`substitute=True`) return the next readable file instead, with `skipped` counting
     the files passed over; eval sources return a blank example with `valid=0`, which is masked out.
@@ -209,9 +229,10 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _read(self, index: int) -> np.ndarray | None:
+    def _read(self, index: int) -> augment.EncodedImage | np.ndarray | None:
         try:
-            return augment.decode_image(self.paths[index])
+            with open(self.paths[index], "rb") as f:
+                return augment.encoded_or_decoded(f.read(), self.paths[index])
         except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
             if index not in self._warned:
                 self._warned.add(index)

@@ -101,6 +101,32 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: f
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def binary_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    label_smoothing: float = 0.0,
+    target_threshold: float | None = None,
+) -> jax.Array:
+    """Per-example sigmoid binary cross-entropy, averaged over the classes, in float32: timm's
+    `BinaryCrossEntropy` (ResNet strikes back). Smoothing moves every target toward 1 / classes;
+    with `target_threshold`, (mixed, smoothed) targets above it become 1 and the rest 0."""
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    if target_threshold is not None:
+        targets = (targets > target_threshold).astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)
+
+
+def example_loss(kind: str, label_smoothing: float = 0.0, bce_target_threshold: float | None = None) -> Any:
+    """`config.loss` -> per-example loss(logits, (B, C) targets)."""
+    if kind == "bce":
+        return lambda logits, targets: binary_cross_entropy(
+            logits, targets, label_smoothing, bce_target_threshold
+        )
+    return lambda logits, targets: soft_cross_entropy(logits, targets, label_smoothing)
+
+
 def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
     """(B, ...) -> (k, B/k, ...) with micro-batch i = examples i, i + k, i + 2k, ...
 
@@ -171,6 +197,8 @@ def train_step(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     label_smoothing: float = 0.0,
+    loss: str = "softmax",
+    bce_target_threshold: float | None = None,
     skip_nonfinite: bool = False,
     grad_accum_steps: int = 1,
     mixing: mixing_lib.Mixing | None = None,
@@ -184,7 +212,8 @@ def train_step(
     and the optimizer steps once on their mean gradient. The step's randomness (mixup/cutmix,
     dropout, stochastic depth) comes from `seed` and the step number, so a resumed run repeats it.
     With a loss scale in the state (float16), the loss is scaled before differentiation, a
-    non-finite step is skipped and the scale adapts (`update_loss_scale`).
+    non-finite step is skipped and the scale adapts (`update_loss_scale`). `loss` is `softmax`
+    (cross-entropy) or `bce` (`binary_cross_entropy`).
     """
     key = jax.random.fold_in(rng_key(seed), state.step)
     mix_key, dropout_key = jax.random.split(key)
@@ -196,6 +225,7 @@ def train_step(
         mixing or mixing_lib.Mixing(),
     )
     scale = state.loss_scale["scale"] if state.loss_scale else None
+    per_example_loss = example_loss(loss, label_smoothing, bce_target_threshold)
 
     def loss_and_grads(batch_stats, images, targets, dropout_key):
         def loss_fn(params):
@@ -206,8 +236,12 @@ def train_step(
                 mutable=["batch_stats"],
                 rngs={"dropout": dropout_key},
             )
-            loss = soft_cross_entropy(logits, targets, label_smoothing).mean()
-            return (loss if scale is None else loss * scale), (loss, logits, updates["batch_stats"])
+            mean_loss = per_example_loss(logits, targets).mean()
+            return (mean_loss if scale is None else mean_loss * scale), (
+                mean_loss,
+                logits,
+                updates["batch_stats"],
+            )
 
         (_, (loss, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if scale is not None:

@@ -26,6 +26,7 @@ from resnet_jax import (
     models,
     optim,
     parallel,
+    prefetch,
     progress,
     writers,
 )
@@ -93,6 +94,8 @@ class CompiledSteps:
                 tx=self.tx,
                 schedule=self.schedule,
                 label_smoothing=config.label_smoothing,
+                loss=config.loss,
+                bce_target_threshold=config.bce_target_threshold,
                 skip_nonfinite=config.skip_nonfinite_steps,
                 grad_accum_steps=config.grad_accum_steps,
                 mixing=mixing_from_config(config),
@@ -128,14 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     dataset = load_dataset(config)
     steps = CompiledSteps(config, dataset.info, mesh)
     log_plan(config, steps, dataset.info, mesh)
-    batches = data.train_loader(
-        dataset,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        num_workers=data.resolve_workers(config.num_workers, dataset),
-    )
+    batches = device_batches(steps, dataset)
     if parallel.is_primary():
         data.write_class_names(dataset.info, workdir)
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -182,9 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
         with checkpoint.PreemptionWatcher() as preemption:
             for step in range(start_step + 1, total + 1):
-                local_batch = next(batches)
-                skipped.add(local_batch.pop("skipped", None))
-                batch = parallel.to_global(local_batch, steps.batch_sharding, config.batch_size)
+                skipped_images, batch = next(batches)
+                skipped.add(skipped_images)
                 profiler.before_step(step)
                 state, step_metrics = steps.train_step(state, batch)
                 bar.step(step)
@@ -229,6 +224,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         log(f"already trained to step {start_step} of {total}")
         evaluate_and_log(steps, dataset, state, start_step, True)
     return state
+
+
+def device_batches(steps: CompiledSteps, dataset: data.Dataset) -> prefetch.DevicePrefetch:
+    """(skipped image count, global batch) pairs, `config.device_prefetch` batches ahead on the
+    devices; checkpoint-safe (`prefetch.DevicePrefetch`)."""
+    config = steps.config
+    loader = data.train_loader(
+        dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=data.resolve_workers(config.num_workers, dataset),
+        repeats=config.repeated_aug,
+    )
+
+    def to_device(local_batch: dict[str, np.ndarray]) -> tuple[Any, dict[str, jax.Array]]:
+        skipped = local_batch.pop("skipped", None)
+        return skipped, parallel.to_global(local_batch, steps.batch_sharding, config.batch_size)
+
+    return prefetch.DevicePrefetch(loader, to_device, config.device_prefetch)
 
 
 def log_plan(

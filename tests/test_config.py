@@ -60,3 +60,31 @@ def test_train_py_rejects_a_config_file_with_a_misspelt_key(tmp_path):
         "listed with its default in resnet_jax/defaults.py"
     ]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"auto_augment": "autoaugment"},
+            "config.auto_augment='autoaugment' is not a policy; use one of: none,",
+        ),
+        ({"auto_augment": "rand-q9"}, "config.auto_augment='rand-q9': cannot read 'q9'"),
+        ({"loss": "focal"}, "config.loss='focal' is not valid; choose one of: softmax, bce"),
+        ({"bce_target_threshold": 0.2}, "applies to loss='bce' only (config.loss='softmax')"),
+        (
+            {"loss": "bce", "bce_target_threshold": 1.5},
+            "config.bce_target_threshold=1.5 must be in [0, 1)",
+        ),
+        ({"random_erase_prob": 1.5}, "config.random_erase_prob=1.5 must be in [0, 1]"),
+        ({"repeated_aug": 0}, "config.repeated_aug=0 must be a positive integer"),
+        ({"eval_image_size": -1}, "config.eval_image_size=-1 must be 0 (image_size) or a positive integer"),
+        ({"device_prefetch": -2}, "config.device_prefetch=-2 must be 0 (off) or a positive integer"),
+        ({"eval_crop_pct": 1.2}, "config.eval_crop_pct=1.2 must be in [0, 1]"),
+    ],
+)
+def test_augmentation_loss_and_prefetch_keys_are_checked_before_anything_loads(overrides, message):
+    config = ml_collections.ConfigDict({"model": "resnet20", "dataset": "digits", **overrides})
+    with pytest.raises(ConfigError) as err:
+        check_config(config)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import checkpoint, data, mixing, models, optim, parallel, train
+from resnet_jax import step as step_lib
 from resnet_jax.config_checks import check_config
 from resnet_jax.step import TrainState, rng_key, state_from_variables, train_step, update_loss_scale
 from tests.conftest import digits_config, fixed_digits_batch, tiny_resnet
@@ -251,12 +252,24 @@ REFERENCE_CONFIGS = {
     "imagenet_resnet50": (1_281_167, {0: 0.0, 1251 * 5: 0.4, 1251 * 5 + (1251 * 85) // 2: 0.2}),
     "imagenet_resnet50_lars": (1_281_167, {400 * 3: 9.0, 400 * 37: 1e-4}),
     "imagenet_resnet50_strong": (1_281_167, {0: 0.005, 1251 * 5: 0.5}),
+    # ResNet strikes back: 625 steps per epoch at batch 2048; warmup from 1e-4 x lr, cosine to 1e-6.
+    "imagenet_resnet50_rsb_a1": (1_281_167, {0: 5e-7, 625 * 5: 5e-3, 625 * 600: 1e-6}),
+    "imagenet_resnet50_rsb_a2": (1_281_167, {0: 5e-7, 625 * 5: 5e-3, 625 * 300: 1e-6}),
+    "imagenet_resnet50_rsb_a3": (1_281_167, {0: 8e-7, 625 * 5: 8e-3, 625 * 100: 1e-6}),
 }
 
 
 # One config per distinct train step (optimizer, mixing, EMA, dtype, label smoothing): the other
 # CIFAR configs differ from cifar10_resnet20's only in the network and the schedule's constants.
-RUN_STEPS = ("cifar10_resnet20", "imagenet_resnet50", "imagenet_resnet50_lars", "imagenet_resnet50_strong")
+RUN_STEPS = (
+    "cifar10_resnet20",
+    "imagenet_resnet50",
+    "imagenet_resnet50_lars",
+    "imagenet_resnet50_strong",
+    "imagenet_resnet50_rsb_a1",
+    "imagenet_resnet50_rsb_a2",
+    "imagenet_resnet50_rsb_a3",
+)
 
 
 @pytest.mark.slow
@@ -306,3 +319,106 @@ def test_cifar_resnet18_is_the_common_cifar10_network():
         functools.partial(module.init_with_output, train=False), jax.random.key(0), jnp.zeros((2, 32, 32, 3))
     )
     assert out[0].shape == (2, 10)
+
+
+# ---------------------------------------------------------------- strong augmentation and BCE
+
+
+def test_binary_cross_entropy_matches_timms_formula_with_smoothing_and_threshold():
+    logits = jnp.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    targets = jnp.array([[0.7, 0.3, 0.0], [0.0, 1.0, 0.0]])  # a mixed row and a one-hot row
+
+    def reference(t):
+        p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+        return -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean(-1)
+
+    t = np.asarray(targets, np.float64)
+    np.testing.assert_allclose(step_lib.binary_cross_entropy(logits, targets), reference(t), rtol=1e-6)
+    smoothed = t * 0.9 + 0.1 / 3  # timm: on = 1 - 0.1 + 0.1 / 3, off = 0.1 / 3
+    np.testing.assert_allclose(
+        step_lib.binary_cross_entropy(logits, targets, 0.1), reference(smoothed), rtol=1e-6
+    )
+    thresholded = (smoothed > 0.2).astype(np.float64)  # 0.3 x 0.9 + 0.033 > 0.2: both mixed classes on
+    assert thresholded[0].tolist() == [1, 1, 0]
+    np.testing.assert_allclose(
+        step_lib.binary_cross_entropy(logits, targets, 0.1, 0.2), reference(thresholded), rtol=1e-6
+    )
+    loss = step_lib.example_loss("bce", 0.0, None)
+    np.testing.assert_allclose(loss(logits, targets), reference(t), rtol=1e-6)
+    softmax = step_lib.example_loss("softmax", 0.0, None)
+    np.testing.assert_allclose(softmax(logits, targets), step_lib.soft_cross_entropy(logits, targets))
+
+
+def test_bce_gradient_is_autodiff_of_the_formula():
+    logits = jnp.array([[2.0, -1.0, 0.5]])
+    targets = jnp.array([[1.0, 0.0, 0.0]])
+    grad = jax.grad(lambda x: step_lib.binary_cross_entropy(x, targets).sum())(logits)
+    np.testing.assert_allclose(grad, (jax.nn.sigmoid(logits) - targets) / 3, rtol=1e-6)
+
+
+def test_a_digits_run_with_the_rsb_ingredients_learns_and_evaluates_at_a_larger_size(tmp_path):
+    """RandAugment (timm string), random erasing, repeated augmentation, BCE with a threshold,
+    mixup/CutMix and LAMB on digits at 12 px, tested at 16 px with a 0.9 crop: it learns."""
+    config = digits_config(
+        image_size=12,
+        eval_image_size=16,
+        eval_crop_pct=0.9,
+        auto_augment="rand-m7-mstd0.5-inc1",
+        random_erase_prob=0.25,
+        repeated_aug=3,
+        loss="bce",
+        bce_target_threshold=0.2,
+        mixup_alpha=0.1,
+        cutmix_alpha=1.0,
+        optimizer="lamb",
+        learning_rate=0.02,
+        weight_decay=0.02,
+        label_smoothing=0.0,
+        num_epochs=8.0,
+        warmup_epochs=1.0,
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "eval_accuracy" in r][-1]
+    assert final["eval_accuracy"] > 0.6, final  # chance is 0.1
+    dataset = train.load_dataset(check_config(config))
+    assert dataset.info.eval_image_shape == (16, 16, 1) and dataset.info.image_shape == (12, 12, 1)
+    assert next(data.eval_batches(dataset, global_batch_size=8))["image"].shape == (8, 16, 16, 1)
+
+
+def test_rsb_a3_runs_three_steps_on_a_folder_of_jpegs_through_train_py(tmp_path):
+    """The A3 config's data path as a user runs it: train.py on a folder of JPEG files, lazily
+    decoded, RandAugment, 160 -> 224 px replaced by 32 -> 48 px to keep the CPU compile small."""
+    from PIL import Image
+
+    from tests.conftest import run_script
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        path = tmp_path / "photos" / f"class{i % 3}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60 + i, 80, 3), dtype=np.uint8)).save(path, quality=90)
+    result = run_script(
+        "train.py",
+        "--config",
+        "configs/imagenet_resnet50_rsb_a3.py",
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.dataset=folder:{tmp_path / 'photos'}",
+        "--config.model=resnet18",
+        "--config.dtype=float32",
+        "--config.batch_size=8",
+        "--config.num_train_steps=3",
+        "--config.image_size=32",
+        "--config.eval_image_size=48",
+        "--config.num_workers=0",
+        "--config.checkpoint_every_steps=3",
+        "--config.eval_every_steps=3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in rows) and all(
+        np.isfinite(r.get("train_loss", 0.0)) for r in rows
+    )
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("*/dataset/metadata")).read_text())
+    assert saved["eval_image_shape"] == [48, 48, 3] and saved["eval_crop"] == 0.95

@@ -1,5 +1,6 @@
 """TFDS (through mock_data, offline) and image-folder datasets, and the augmentations they use."""
 
+import io
 import json
 import re
 import textwrap
@@ -7,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from resnet_jax import augment, data, sources, train
 from resnet_jax.config_checks import ConfigError, check_config
@@ -132,7 +133,12 @@ def test_a_folder_converts_every_mode_to_rgb_and_splits_each_class(tmp_path):
     assert sorted(set(eval_labels)) == [0, 1]  # stratified: every class in the eval split
     for source in (ds.train_source, ds.eval_source):
         for i in range(len(source)):
-            assert source[i]["image"].ndim == 3 and source[i]["image"].shape[-1] == 3
+            image, path = source[i]["image"], source.paths[i]
+            # Complete JPEG/PNG files stay encoded until the transform crops them; the rest decode now.
+            lazy = path.endswith((".jpg", ".png"))
+            assert isinstance(image, augment.EncodedImage) == lazy, path
+            assert ds.eval_transform(source[i])["image"].shape == (16, 16, 3), path
+            assert ds.train_transform(source[i], np.random.default_rng(i))["image"].shape == (16, 16, 3)
     batch = first_batch(ds, 4)
     assert batch["image"].shape == (4, 16, 16, 3) and batch["skipped"].sum() == 0
     again = folder_dataset(tmp_path / "pets")
@@ -159,11 +165,17 @@ def make_split_folder(root):
 
 def test_a_corrupt_file_is_skipped_with_a_warning_in_train_and_masked_in_eval(tmp_path, capsys):
     root = make_split_folder(tmp_path / "pets")
+    whole = (root / "train" / "cat" / "cat0.jpg").read_bytes()
+    truncated = root / "train" / "cat" / "truncated.jpg"  # a valid header, half the data
+    truncated.write_bytes(whole[: len(whole) // 2])
     ds = folder_dataset(root)
-    broken_train = str(root / "train" / "cat" / "broken.jpg")
-    example = ds.train_source[ds.train_source.paths.index(broken_train)]
-    assert example["skipped"] == 1 and example["image"].shape[-1] == 3
-    assert f"skipping unreadable image {broken_train}" in capsys.readouterr().err
+    broken = (str(root / "train" / "cat" / "broken.jpg"), str(truncated))
+    for broken_train in broken:
+        example = ds.train_source[ds.train_source.paths.index(broken_train)]
+        image = ds.train_transform(example, np.random.default_rng(0))["image"]
+        assert example["skipped"] == 1 and image.shape == (16, 16, 3)
+    err = capsys.readouterr().err  # (the statistics' samples may have met them first)
+    assert all(f"skipping unreadable image {path}" in err for path in broken)
     masks = np.concatenate([b["mask"] for b in all_eval_batches(ds, 2)])
     assert len(masks) == 4 and masks.sum() == 2  # 3 files, one unreadable, one padding slot
     assert str(root / "val" / "dog" / "broken.png") in capsys.readouterr().err
@@ -302,18 +314,116 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(tmp_path):
 def test_the_loader_benchmark_prints_a_row_per_worker_count(tmp_path):
     out = tmp_path / "loader.json"
     result = run_script(
-        "-m",
-        "resnet_jax.loader_benchmark",
-        "--kinds",
-        "cifar",
-        "--workers",
-        "0",
-        "--batches",
-        "2",
-        "--json",
-        str(out),
+        *("-m", "resnet_jax.loader_benchmark", "--kinds", "cifar", "--workers", "0", "--batches", "2"),
+        *("--json", str(out)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| cifar 32px | 0 | 128 |" in result.stdout
+    assert "| cifar 32px | - | 0 | 128 |" in result.stdout
     (row,) = json.loads(out.read_text())
     assert row["images_per_sec"] > 0 and row["workers"] == 0
+
+
+def test_the_loader_benchmark_times_each_policy_and_decode_on_one_core(tmp_path):
+    out = tmp_path / "loader.json"
+    result = run_script(
+        *("-m", "resnet_jax.loader_benchmark", "--kinds", "imagenet,trivialaugment,randaugment"),
+        *("--decode", "reduced,full", "--workers", "0", "--cores", "1", "--batches", "1", "--images", "16"),
+        *("--json", str(out)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["kind"], r["decode"]) for r in rows] == [
+        (kind, decode)
+        for kind in ("imagenet", "trivialaugment", "randaugment")
+        for decode in ("reduced", "full")
+    ]
+    assert all(r["cores"] == 1 and r["images_per_sec"] > 0 and r["batch_size"] == 64 for r in rows)
+    assert "16 JPEG files" in result.stderr and "(1 CPU core)" in result.stdout
+    bad = run_script("-m", "resnet_jax.loader_benchmark", "--decode", "lazy")
+    assert bad.returncode == 2 and "--decode='lazy' is not valid; choose from: reduced, full" in bad.stderr
+
+
+# ---------------------------------------------------------------- lazy decoding
+
+
+def coordinates_jpeg(height=480, width=640):
+    """A JPEG whose red channel is x and green is y (plus blocky texture): a crop's colour is its place."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    texture = np.random.default_rng(0).integers(0, 40, (height // 8, width // 8, 3)).repeat(8, 0).repeat(8, 1)
+    pixels = np.stack([xs * 255 / (width - 1), ys * 255 / (height - 1), np.full(xs.shape, 128.0)], -1)
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 0.8 + texture).clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    return augment.EncodedImage(buffer.getvalue(), "coordinates.jpg")
+
+
+def test_reduced_decoding_keeps_the_crops_regions_and_pixels(monkeypatch):
+    """The DCT-scaled decode of a crop against the full decode of the same crop: same region (the
+    mean x/y colour agrees within 0.5 of 255) and the same pixels within 2 levels on average."""
+    image = coordinates_jpeg()
+    reduced = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        reduced.append(size)
+        return original(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    lazy = augment.TrainTransform("imagenet", 64, 3, draft=True)
+    full = augment.TrainTransform("imagenet", 64, 3, draft=False)
+    for seed in range(60):
+        a = lazy({"image": image}, np.random.default_rng(seed))["image"].astype(float)
+        b = full({"image": image}, np.random.default_rng(seed))["image"].astype(float)
+        assert np.abs(a.mean((0, 1)) - b.mean((0, 1))).max() < 0.5, seed
+        assert np.abs(a - b).mean() < 2.0, seed
+    assert len(reduced) > 30 and {(640 // 4, 480 // 4), (640 // 2, 480 // 2)} <= set(reduced)
+
+
+def test_a_folder_and_a_tfds_dataset_decode_lazily_and_agree(tmp_path):
+    """A real ArrayRecord TFDS dataset (built here without TensorFlow) hands over JPEG bytes, like a
+    folder of the same files; both give the same batches."""
+    files = {
+        f"{i}.jpg": np.random.default_rng(i).integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)
+        for i in range(6)
+    }
+    for name, pixels in files.items():
+        save(tmp_path / "folder" / f"class{int(name[0]) % 2}" / name, pixels, quality=95)
+
+    class TinyJpegs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(num_classes=2),
+            }
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(), "test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for name in files:
+                path = tmp_path / "folder" / f"class{int(name[0]) % 2}" / name
+                yield name, {"image": io.BytesIO(path.read_bytes()), "label": int(name[0]) % 2}
+
+    TinyJpegs(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    config = dict(image_size=24, augment="imagenet")
+    tfds_ds = data.load(digits_config(dataset="tfds:tiny_jpegs", data_dir=str(tmp_path / "tfds"), **config))
+    folder_ds = data.load(
+        digits_config(dataset=f"folder:{tmp_path / 'folder'}", folder_eval_fraction=0.5, **config)
+    )
+    assert isinstance(tfds_ds.train_source[0]["image"], augment.EncodedImage)
+    assert tfds_ds.train_source[0]["image"].name == "tiny_jpegs:train[0]"
+    assert isinstance(folder_ds.train_source[0]["image"], augment.EncodedImage)
+    by_bytes = {}
+    for source in (tfds_ds.train_source, folder_ds.train_source, folder_ds.eval_source):
+        for i in range(len(source)):
+            image = source[i]["image"]
+            out = tfds_ds.train_transform({"image": image}, np.random.default_rng(1))["image"]
+            assert out.shape == (24, 24, 3)
+            by_bytes.setdefault(image.data, []).append(out)
+    assert len(by_bytes) == 6
+    for outputs in by_bytes.values():  # the same file through either source: the same crop
+        assert all(np.array_equal(outputs[0], other) for other in outputs[1:])
+    assert first_batch(tfds_ds, 4)["image"].shape == (4, 24, 24, 3)
+    assert all_eval_batches(tfds_ds, 4)[0]["image"].shape == (4, 24, 24, 3)
