@@ -337,7 +337,7 @@ def test_bad_optimizer_settings_are_rejected_up_front():
         "weight_decay_mode": ("l2", "weight_decay_mode='l2'.*decoupled"),
         "weight_decay_mask": ("bn", "weight_decay_mask='bn'.*kernels"),
         "warmup_style": ("cosine", "warmup_style='cosine'.*constant"),
-        "ema_decay": (1.0, r"ema_decay=1.0 must be in \[0.0, 1.0\)"),
+        "ema_decay": (1.0, r"ema_decay=1.0 must be in \[0, 1\)"),
         "mixup_alpha": (-0.2, "mixup_alpha=-0.2"),
         "learning_rate": (0.0, "learning_rate=0.0"),
         "lr_step_epochs": ((60, 30), r"lr_step_epochs=\(60, 30\) must be increasing"),
