@@ -91,6 +91,7 @@ def check_config(config: Any, workdir: str | None = None) -> ml_collections.Conf
         check_choice("config.model", config.model, models.names())
         check_choice("config.dtype", config.dtype, tuple(models.DTYPES))
         check_choice("config.activation", config.activation, tuple(models.ACTIVATIONS))
+        check_choice("config.fold_bn", config.fold_bn, models.FOLD_BN)
         check_choice("config.optimizer", config.optimizer, optim.OPTIMIZERS)
         check_choice("config.lr_schedule", config.lr_schedule, optim.SCHEDULES)
         check_choice("config.weight_decay_mode", config.weight_decay_mode, optim.WEIGHT_DECAY_MODES)

@@ -95,6 +95,7 @@ def to_onnx(trained: TrainedModel, outputs: str = "probabilities") -> bytes:
             "--format onnx needs the ONNX extra: pip install 'resnet_jax[onnx]' (jax2onnx, onnx, onnxruntime)"
         ) from None
     trained = with_float32_compute(trained)
+    trained = dataclasses.replace(trained, model=trained.model.clone(explicit_pool_padding=True))
     model = jax2onnx.to_onnx(
         serving_function(trained, outputs),
         [input_spec(trained, "batch")],

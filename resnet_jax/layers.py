@@ -6,6 +6,10 @@ bottlenecks (`groups`, `base_width`), squeeze-and-excitation (`se_ratio`), stoch
 (`drop_path`), and identity / projection / option-A / average-pool (ResNet-D) shortcuts. Module
 names follow torchvision's and timm's (`conv1`, `bn1`, `se/fc1`) so that `weights` maps their
 state dicts one to one.
+
+`FoldedBatchNorm` computes a stride-1 1x1 convolution and the BatchNorm after it as one
+convolution, for the bottlenecks' last convolution and stride-1 projection shortcuts (see its
+docstring; docs/benchmarks.md has the HBM traffic it saves).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 ModuleDef = Any
+conv_kernel_init = nn.initializers.variance_scaling(
+    2.0, "fan_out", "normal"
+)  # He et al. 2015, as torchvision
 SHORTCUTS = ("projection", "pad", "avg")  # or None: a plain block without the skip path
 STRIDE_PLACEMENTS = ("3x3", "1x1")  # v1.5 (torchvision, timm) or v1 (He et al. 2015, Caffe)
 
@@ -51,12 +58,15 @@ def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
     return total / count
 
 
-def max_pool_torch(x: jax.Array) -> jax.Array:
+def max_pool_torch(x: jax.Array, explicit_padding: bool = False) -> jax.Array:
     """The ImageNet stem's 3x3/2 max-pool with PyTorch's symmetric padding of 1.
 
-    The padding is an explicit -inf border and the pool VALID: the same numbers (XLA folds the pad
-    into the window), and ONNX converters that ignore a pool's explicit padding still get it right.
+    The padding belongs to the pooling window, so XLA writes no padded copy of the stem's largest
+    activation (3.3 MB per ResNet-50 image on TPU). `explicit_padding` pads with -inf first and
+    pools VALID instead: the same numbers, for ONNX converters that drop a pool's own padding.
     """
+    if not explicit_padding:
+        return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
     return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
@@ -70,7 +80,34 @@ class Identity(nn.Module):
         return x
 
 
-class GhostBatchNorm(nn.Module):
+class BatchNormVariables(nn.Module):
+    """`nn.BatchNorm`'s options and variables (params `scale`, `bias`; batch_stats `mean`, `var`, all
+    float32), shared by the BatchNorms written here so checkpoints and imported weights carry over."""
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    def norm_variables(self, features: int) -> tuple[Any, Any, jax.Array, jax.Array]:
+        """(running mean, running var, scale, bias), created on first use."""
+        shape = (features,)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
+        scale = self.param("scale", self.scale_init, shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, shape, jnp.float32)
+        return ra_mean, ra_var, scale, bias
+
+    def update_running(self, ra_mean: Any, ra_var: Any, mean: jax.Array, var: jax.Array) -> None:
+        """Move the running statistics towards this batch's (not while initialising)."""
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+
+
+class GhostBatchNorm(BatchNormVariables):
     """BatchNorm whose training statistics come from groups of `group_size` consecutive examples.
 
     Hoffer et al. (2017)'s "ghost" BatchNorm, and what pmap codes and the MLPerf ResNet recipe get
@@ -81,21 +118,13 @@ class GhostBatchNorm(nn.Module):
     no `shard_map` and no communication beyond the running averages.
     """
 
-    group_size: int
-    use_running_average: bool = False
+    group_size: int = 1
     momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    scale_init: Callable = nn.initializers.ones
-    bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (x.shape[-1],)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
-        scale = self.param("scale", self.scale_init, features, jnp.float32)
-        bias = self.param("bias", self.bias_init, features, jnp.float32)
+        ra_mean, ra_var, scale, bias = self.norm_variables(x.shape[-1])
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
             mean, var, groups = ra_mean.value, ra_var.value, x32
@@ -109,12 +138,96 @@ class GhostBatchNorm(nn.Module):
             axes = tuple(range(1, groups.ndim - 1))
             mean = groups.mean(axes, keepdims=True)
             var = jnp.maximum(0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(mean))
-            if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.mean(0).reshape(features)
-                ra_var.value = m * ra_var.value + (1 - m) * var.mean(0).reshape(features)
+            self.update_running(
+                ra_mean, ra_var, mean.mean(0).reshape(features), var.mean(0).reshape(features)
+            )
         y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.reshape(x.shape).astype(self.dtype)
+
+
+class Conv1x1Kernel(nn.Module):
+    """The kernel of a bias-free 1x1 `nn.Conv`, created where that module keeps it (`<name>/kernel`),
+    so a folded convolution reads and writes the same parameter tree as the unfolded one."""
+
+    in_features: int
+    out_features: int
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (1, 1, self.in_features, self.out_features)
+        return self.param("kernel", conv_kernel_init, shape, jnp.float32)
+
+
+class FoldedBatchNorm(BatchNormVariables):
+    """`nn.BatchNorm` applied to a stride-1 1x1 convolution of `x`, computed as one convolution.
+
+    y = x @ w is linear, so its batch statistics follow from the input's: mean(y) = mean(x) @ w and
+    var(y) = diag(w^T cov(x) w), where cov(x) is a c_in x c_in matrix. The normalisation then folds
+    into the kernel and a bias, so y itself is never written: the convolution's output is already
+    normalised (and, in a bottleneck, XLA fuses the residual add and ReLU into it). On the backward
+    pass autodiff reads x and the cotangent instead of re-reading y three times. The mathematics is
+    BatchNorm's, including the gradient through the statistics; only float rounding differs.
+
+    The covariance is centred before the quadratic form: E[y^2] - mean(y)^2 would cancel badly when
+    |mean(y)| >> std(y), which a 1x1 convolution of ReLU outputs often gives. Variables are
+    `nn.BatchNorm`'s (`scale`, `bias`; `mean`, `var` in batch_stats), and the kernel is passed in
+    (`Conv1x1Kernel`), so checkpoints and imported weights are unchanged.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        ra_mean, ra_var, scale, bias = self.norm_variables(kernel.shape[-1])
+        x = x.astype(self.dtype)
+        w = kernel.reshape(kernel.shape[-2:]).astype(jnp.promote_types(self.dtype, jnp.float32))
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            mean, var = _conv_statistics(x, w)
+            self.update_running(ra_mean, ra_var, mean, var)
+        multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
+        folded = (kernel * multiplier).astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, folded, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return (y + (bias - mean * multiplier)).astype(self.dtype)
+
+
+def _conv_statistics(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and (biased) variance of x @ w over N, H, W, in w's dtype (float32 or wider),
+    without computing x @ w.
+
+    The Gram matrix accumulates at full precision (exact products for bfloat16 inputs, and no
+    bfloat16 passes for float32 ones on TPU); it and the quadratic form are c_in-sized.
+    """
+    count = x.size // x.shape[-1]
+    highest = jax.lax.Precision.HIGHEST
+    mean_in = jnp.sum(x, axis=(0, 1, 2), dtype=w.dtype) / count
+    gram = jnp.einsum("nhwi,nhwj->ij", x, x, precision=highest, preferred_element_type=w.dtype)
+    cov = gram / count - jnp.outer(mean_in, mean_in)
+    mean = jnp.dot(mean_in, w, precision=highest)
+    var = jnp.sum(w * jnp.dot(cov, w, precision=highest), axis=0)
+    return mean, jnp.maximum(var, 0.0)
+
+
+def conv1x1_norm(
+    y: jax.Array,
+    features: int,
+    conv: ModuleDef,
+    norm: ModuleDef,
+    fold_norm: ModuleDef | None,
+    names: tuple[str, str],
+    strides: int = 1,
+    scale_init: Callable = nn.initializers.ones,
+) -> jax.Array:
+    """norm(conv_1x1(y)) under the two module names, folded into one convolution where that is
+    exact and cheaper: `fold_norm` given (plain BatchNorm) and stride 1. Called inside a parent's
+    compact method, so the modules are the parent's children either way."""
+    conv_name, norm_name = names
+    if fold_norm is not None and strides == 1:
+        kernel = Conv1x1Kernel(y.shape[-1], features, name=conv_name)()
+        return fold_norm(scale_init=scale_init, name=norm_name)(y, kernel)
+    y = conv(features, (1, 1), (strides, strides), name=conv_name)(y)
+    return norm(scale_init=scale_init, name=norm_name)(y)
 
 
 class DropPath(nn.Module):
@@ -151,13 +264,16 @@ class SqueezeExcite(nn.Module):
 
 class Shortcut(nn.Module):
     """The skip path: identity, projection (1x1 conv + norm), option A (subsample + zero-pad), or
-    ResNet-D's 2x2 average pool before a stride-1 projection ('avg')."""
+    ResNet-D's 2x2 average pool before a stride-1 projection ('avg'). A stride-1 projection's norm
+    is folded into it when `fold_norm` is given (a strided one is not: the statistics would read
+    the whole input, and the slice's gradient writes it)."""
 
     filters: int
     strides: int
     kind: str
     conv: ModuleDef
     norm: ModuleDef
+    fold_norm: ModuleDef | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -170,8 +286,8 @@ class Shortcut(nn.Module):
         strides = self.strides
         if self.kind == "avg" and strides > 1:
             x, strides = avg_pool_ceil(x, strides), 1
-        x = self.conv(self.filters, (1, 1), (strides, strides), name="downsample_conv")(x)
-        return self.norm(name="downsample_bn")(x)
+        names = ("downsample_conv", "downsample_bn")
+        return conv1x1_norm(x, self.filters, self.conv, self.norm, self.fold_norm, names, strides)
 
 
 class BasicBlock(nn.Module):
@@ -190,6 +306,7 @@ class BasicBlock(nn.Module):
     se_ratio: float = 0.0  # squeeze-and-excitation on the branch output; 0 = none
     drop_path: float = 0.0  # stochastic depth rate of this block
     deterministic: bool = True  # eval mode for drop-path
+    fold_norm: ModuleDef | None = None  # FoldedBatchNorm, configured like norm: fold 1x1 conv + norm pairs
 
     expansion = 1
 
@@ -210,12 +327,32 @@ class BasicBlock(nn.Module):
             y = SqueezeExcite(make_divisible(self.out_filters * self.se_ratio), self.conv, name="se")(y)
         return DropPath(self.drop_path, self.deterministic)(y)
 
-    def _merge(self, x: jax.Array, y: jax.Array, last_norm: str) -> jax.Array:
+    def _merge(self, x: jax.Array, y: jax.Array, last_norm: str, last_conv: str | None = None) -> jax.Array:
+        """The branch's last norm (after its last 1x1 conv `last_conv`, if that is still to apply),
+        the skip path, the sum and the activation."""
         if self.shortcut is None:
-            return self.act(self.norm(name=last_norm)(y))
-        zero = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = self._branch_end(self.norm(scale_init=zero, name=last_norm)(y))
-        skip = Shortcut(self.out_filters, self.strides, self.shortcut, self.conv, self.norm, name="shortcut")
+            scale_init = nn.initializers.ones
+        else:
+            scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        if last_conv is None:
+            y = self.norm(scale_init=scale_init, name=last_norm)(y)
+        else:
+            names = (last_conv, last_norm)
+            y = conv1x1_norm(
+                y, self.out_filters, self.conv, self.norm, self.fold_norm, names, scale_init=scale_init
+            )
+        if self.shortcut is None:
+            return self.act(y)
+        y = self._branch_end(y)
+        skip = Shortcut(
+            self.out_filters,
+            self.strides,
+            self.shortcut,
+            self.conv,
+            self.norm,
+            self.fold_norm,
+            name="shortcut",
+        )
         return self.act(skip(x) + y)
 
     def _bottleneck_convs(self, x: jax.Array, norm_names: tuple[str, str], pre: Callable) -> jax.Array:
@@ -237,8 +374,7 @@ class BottleneckBlock(BasicBlock):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self._bottleneck_convs(x, ("bn1", "bn2"), lambda y, name: self.act(self.norm(name=name)(y)))
-        y = self.conv(self.out_filters, (1, 1), name="conv3")(y)
-        return self._merge(x, y, "bn3")
+        return self._merge(x, y, "bn3", last_conv="conv3")
 
 
 class PreActBasicBlock(BasicBlock):

@@ -69,7 +69,7 @@ class CompiledSteps:
             if config.num_train_steps > 0
             else int(config.num_epochs * self.steps_per_epoch)
         )
-        self.model = models.create_model(config, info.num_classes)
+        self.model = models.create_model(config, info.num_classes, mesh.devices.flat[0].platform)
         self.tx, self.schedule = optim.create(config, self.steps_per_epoch, self.total_steps)
         if config.freeze_backbone:  # linear probing: only the classifier is updated
             self.tx = finetune.freeze_backbone(self.tx)

@@ -81,6 +81,7 @@ def test_train_py_rejects_a_config_file_with_a_misspelt_key(tmp_path):
         ({"eval_image_size": -1}, "config.eval_image_size=-1 must be 0 (image_size) or a positive integer"),
         ({"device_prefetch": -2}, "config.device_prefetch=-2 must be 0 (off) or a positive integer"),
         ({"eval_crop_pct": 1.2}, "config.eval_crop_pct=1.2 must be in [0, 1]"),
+        ({"fold_bn": "yes"}, "config.fold_bn='yes' is not valid; choose one of: auto, on, off"),
     ],
 )
 def test_augmentation_loss_and_prefetch_keys_are_checked_before_anything_loads(overrides, message):

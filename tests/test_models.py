@@ -158,7 +158,7 @@ def test_imagenet_stem_pads_like_pytorch():
         assert mods["intermediates"]["layer1_0"]["__call__"][0].shape[1] == expected
 
 
-def block_output_sizes(module, size):
+def block_output_sizes(module, size):  # built with fold_bn=False: a folded conv3 outputs no activation
     """Spatial size of every conv output of block layer2_0 (shapes only)."""
     x = jnp.zeros((1, size, size, 3))
     variables = jax.eval_shape(module.init, jax.random.key(0), x)
@@ -169,9 +169,17 @@ def block_output_sizes(module, size):
 
 
 def test_v1_puts_the_stride_on_the_first_1x1_and_v15_on_the_3x3():
-    assert block_output_sizes(models.create("resnet50", 10), 64) == {"conv1": 16, "conv2": 8, "conv3": 8}
-    assert block_output_sizes(models.create("resnet50_v1", 10), 64) == {"conv1": 8, "conv2": 8, "conv3": 8}
-    assert block_output_sizes(models.create("resnet50", 10, stride_on="1x1"), 64)["conv1"] == 8
+    assert block_output_sizes(models.create("resnet50", 10, fold_bn=False), 64) == {
+        "conv1": 16,
+        "conv2": 8,
+        "conv3": 8,
+    }
+    assert block_output_sizes(models.create("resnet50_v1", 10, fold_bn=False), 64) == {
+        "conv1": 8,
+        "conv2": 8,
+        "conv3": 8,
+    }
+    assert block_output_sizes(models.create("resnet50", 10, stride_on="1x1", fold_bn=False), 64)["conv1"] == 8
 
 
 def test_squeeze_excitation_is_an_option_of_any_block():
@@ -259,3 +267,157 @@ def test_model_table_prints_params_and_gflops(capsys):
     row = [line for line in out.splitlines() if line.startswith("resnet20")][-1].split()
     assert row[2] == "0.27M" and 0.03 < float(row[3]) < 0.1  # ~41M multiply-adds at 32 px
     assert models.main(["--names", "resnet19"]) == 2
+
+
+def conv_then_batchnorm(x, kernel, scale, bias, train=True):
+    """The textbook pair FoldedBatchNorm replaces: a 1x1 nn.Conv, then nn.BatchNorm."""
+    features = kernel.shape[-1]
+    conv = nn.Conv(features, (1, 1), use_bias=False, dtype=x.dtype, param_dtype=x.dtype)
+    norm = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=x.dtype, param_dtype=x.dtype
+    )
+    y = conv.apply({"params": {"kernel": kernel}}, x)
+    stats = {"mean": jnp.full((features,), 0.5, x.dtype), "var": jnp.full((features,), 2.0, x.dtype)}
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
+    return norm.apply(variables, y, mutable=["batch_stats"]) if train else (norm.apply(variables, y), None)
+
+
+def folded(x, kernel, scale, bias, train=True):
+    module = layers.FoldedBatchNorm(use_running_average=not train, dtype=x.dtype)
+    stats = {"mean": jnp.full(scale.shape, 0.5, x.dtype), "var": jnp.full(scale.shape, 2.0, x.dtype)}
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
+    if train:
+        return module.apply(variables, x, kernel, mutable=["batch_stats"])
+    return module.apply(variables, x, kernel), None
+
+
+def conv_norm_inputs(dtype, offset=0.0, key=0):
+    """ReLU-like inputs (non-negative, mean about one std), He-scaled kernel, scales around 1."""
+    k = jax.random.split(jax.random.key(key), 4)
+    x = jnp.maximum(jax.random.normal(k[0], (6, 5, 5, 8), dtype), 0) + offset
+    kernel = jax.random.normal(k[1], (1, 1, 8, 16), dtype) * np.sqrt(2 / 8)
+    scale = 1 + 0.3 * jax.random.normal(k[2], (16,), dtype)
+    bias = 0.1 * jax.random.normal(k[3], (16,), dtype)
+    return x, kernel, scale, bias
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_folded_batchnorm_is_conv_then_batchnorm_with_the_same_gradients(train):
+    # float64, so any difference is mathematics, not rounding: outputs, the running statistics it
+    # writes, and autodiff's gradients for the input, kernel, scale and bias all agree.
+    with jax.enable_x64(True):
+        inputs = conv_norm_inputs(jnp.float64)
+        for f in (folded, conv_then_batchnorm):
+            (y, stats) = f(*inputs, train=train)
+            if f is folded:
+                y_folded, stats_folded = y, stats
+        np.testing.assert_allclose(y_folded, y, rtol=0, atol=1e-12)
+        if train:
+            for name in ("mean", "var"):
+                np.testing.assert_allclose(
+                    stats_folded["batch_stats"][name], stats["batch_stats"][name], atol=1e-12
+                )
+        weights = jax.random.normal(jax.random.key(9), y.shape, jnp.float64)  # a loss that uses every output
+
+        def loss(f):
+            return lambda *args: jnp.sum(weights * jnp.tanh(f(*args, train=train)[0]))
+
+        ours = jax.grad(loss(folded), argnums=(0, 1, 2, 3))(*inputs)
+        theirs = jax.grad(loss(conv_then_batchnorm), argnums=(0, 1, 2, 3))(*inputs)
+        for a, b in zip(ours, theirs, strict=True):
+            assert float(jnp.max(jnp.abs(b))) > 1e-3  # every gradient is non-trivial
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_folded_batchnorm_is_as_accurate_in_float32_when_the_mean_dwarfs_the_spread():
+    # Inputs offset by 30: the outputs' mean is far above their spread, where E[y^2] - E[y]^2
+    # would cancel. The centred covariance keeps the folded float32 result as close to float64 as
+    # the textbook float32 pair is (both measured against the float64 pair).
+    with jax.enable_x64(True):
+        inputs64 = conv_norm_inputs(jnp.float64, offset=30.0)
+        reference, _ = conv_then_batchnorm(*inputs64)
+        inputs32 = [a.astype(jnp.float32) for a in inputs64]
+        error = {
+            f: float(jnp.max(jnp.abs(f(*inputs32)[0] - reference))) for f in (folded, conv_then_batchnorm)
+        }
+    assert error[folded] <= max(4 * error[conv_then_batchnorm], 1e-5), error
+
+
+def test_fold_bn_builds_the_same_model_with_the_same_parameters_and_gradients():
+    # A narrow bottleneck ResNet (one block per stage: stride-1 and strided projections) in float64
+    # with folding on and off: one parameter tree, one initialisation, and the same logits, updated
+    # statistics and gradients (train) and logits (eval).
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3), jnp.float64) + 1
+        plain, fold = (
+            models.ResNet((1, 1, 1, 1), models.BottleneckBlock, 10, width=8, dtype=jnp.float64, fold_bn=f)
+            for f in (False, True)
+        )
+        variables = plain.init(jax.random.key(1), x)
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, variables, fold.init(jax.random.key(1), x)))
+        variables = jax.tree.map(  # non-zero last norms, so every branch matters
+            lambda v: v.astype(jnp.float64) + 0.2 * jax.random.normal(jax.random.key(v.size), v.shape),
+            variables,
+        )
+
+        def loss(module):
+            def f(params):
+                logits, new = module.apply(
+                    {"params": params, "batch_stats": variables["batch_stats"]},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), (logits, new)
+
+            return jax.grad(f, has_aux=True)(variables["params"])
+
+        (g0, (l0, s0)), (g1, (l1, s1)) = loss(plain), loss(fold)
+        np.testing.assert_allclose(l1, l0, atol=1e-9)
+        for a, b in zip(jax.tree.leaves((g1, s1)), jax.tree.leaves((g0, s0)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(fold.apply(variables, x), plain.apply(variables, x), atol=1e-9)
+
+
+def test_only_stride_1_convolutions_before_plain_batchnorm_are_folded():
+    def folded_names(name, **options):
+        module = models.create(name, 10, **options)
+        table = module.tabulate(
+            jax.random.key(0), jnp.zeros((2, 32, 32, 3)), depth=3, console_kwargs={"width": 400}
+        )
+        return {line.split("│")[1].strip() for line in table.splitlines() if "FoldedBatchNorm" in line}
+
+    names = folded_names("resnet50")
+    assert "layer1_0/bn3" in names and "layer4_2/bn3" in names and "layer1_0/shortcut/downsample_bn" in names
+    assert "layer2_0/shortcut/downsample_bn" not in names  # strided: stays conv + BatchNorm
+    assert len(names) == 16 + 1
+    assert not folded_names("resnet50", fold_bn=False)
+    assert not folded_names("resnet50", bn_group_size=2)  # ghost BN keeps its own statistics
+    assert not folded_names("resnet18") and not folded_names("preact_resnet50")
+
+
+def test_stem_pool_padding_in_the_window_or_explicit_gives_the_same_numbers():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    window = jax.value_and_grad(lambda x: jnp.sum(jnp.sin(layers.max_pool_torch(x))))(x)
+    explicit = jax.value_and_grad(
+        lambda x: jnp.sum(jnp.sin(layers.max_pool_torch(x, explicit_padding=True)))
+    )(x)
+    for a, b in zip(window, explicit, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fold_bn_auto_folds_on_tpu_meshes_only():
+    import ml_collections
+
+    from resnet_jax.config_checks import check_config
+
+    assert [models.folds_bn("auto", p) for p in ("tpu", "gpu", "cuda", "cpu")] == [True, False, False, False]
+    assert models.folds_bn("on", "cpu") and not models.folds_bn("off", "tpu")
+    config = check_config(ml_collections.ConfigDict({"model": "resnet50", "dataset": "digits"}))
+    assert config.fold_bn == "auto"
+    assert (
+        models.create_model(config, 10, "tpu").fold_bn and not models.create_model(config, 10, "cpu").fold_bn
+    )
+    assert not models.create_model(config, 10).fold_bn  # this machine's backend is the CPU
+    with pytest.raises(ValueError, match="config.fold_bn='true' is not valid; choose one of: auto, on, off"):
+        models.folds_bn("true", "tpu")

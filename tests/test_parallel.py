@@ -71,23 +71,25 @@ def test_ghost_batch_norm_is_batch_norm_on_each_group():
     def batch_norm(x):
         return nn.BatchNorm(use_running_average=False, **options).apply(variables, x, mutable=["batch_stats"])
 
-    y, updates = models.GhostBatchNorm(4, **options).apply(variables, x, mutable=["batch_stats"])
+    y, updates = models.GhostBatchNorm(group_size=4, **options).apply(variables, x, mutable=["batch_stats"])
     per_group = [batch_norm(x[i : i + 4]) for i in range(0, 12, 4)]
     np.testing.assert_allclose(y, jnp.concatenate([g[0] for g in per_group]), rtol=1e-5, atol=1e-6)
     for name in ("mean", "var"):  # the running statistics move towards the groups' average
         want = np.mean([g[1]["batch_stats"][name] for g in per_group], axis=0)
         np.testing.assert_allclose(updates["batch_stats"][name], want, rtol=1e-6)
 
-    whole, whole_updates = models.GhostBatchNorm(12, **options).apply(variables, x, mutable=["batch_stats"])
+    whole, whole_updates = models.GhostBatchNorm(group_size=12, **options).apply(
+        variables, x, mutable=["batch_stats"]
+    )
     np.testing.assert_allclose(whole, batch_norm(x)[0], rtol=1e-6, atol=1e-6)
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), whole_updates, batch_norm(x)[1])
-    evaluated = models.GhostBatchNorm(4, use_running_average=True).apply(variables, x)
+    evaluated = models.GhostBatchNorm(group_size=4, use_running_average=True).apply(variables, x)
     np.testing.assert_allclose(
         evaluated, nn.BatchNorm(use_running_average=True).apply(variables, x), rtol=1e-6
     )
 
     with pytest.raises(ValueError, match="bn_group_size=5 does not divide the batch of 12 examples"):
-        models.GhostBatchNorm(5).apply(variables, x, mutable=["batch_stats"])
+        models.GhostBatchNorm(group_size=5).apply(variables, x, mutable=["batch_stats"])
 
 
 def test_bn_group_size_keeps_the_variables_of_batch_norm():
