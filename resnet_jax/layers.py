@@ -22,9 +22,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 ModuleDef = Any
-conv_kernel_init = nn.initializers.variance_scaling(
-    2.0, "fan_out", "normal"
-)  # He et al. 2015, as torchvision
+# torchvision's ResNet init: Kaiming normal, fan-out, gain sqrt(2) (He et al. 2015).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 SHORTCUTS = ("projection", "pad", "avg")  # or None: a plain block without the skip path
 STRIDE_PLACEMENTS = ("3x3", "1x1")  # v1.5 (torchvision, timm) or v1 (He et al. 2015, Caffe)
 
@@ -330,10 +329,8 @@ class BasicBlock(nn.Module):
     def _merge(self, x: jax.Array, y: jax.Array, last_norm: str, last_conv: str | None = None) -> jax.Array:
         """The branch's last norm (after its last 1x1 conv `last_conv`, if that is still to apply),
         the skip path, the sum and the activation."""
-        if self.shortcut is None:
-            scale_init = nn.initializers.ones
-        else:
-            scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        zero_init = self.shortcut is not None and self.zero_init_residual
+        scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
         if last_conv is None:
             y = self.norm(scale_init=scale_init, name=last_norm)(y)
         else:
