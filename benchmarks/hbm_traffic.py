@@ -3,6 +3,7 @@ the bytes they read and write.
 
     python -m resnet_jax.preflight --config configs/imagenet_resnet50.py --target v5p-8 --hlo_dir hlo
     python benchmarks/hbm_traffic.py hlo/v5p-8_train_batch1024.hlo.txt [--top 25] [--images 256]
+    python benchmarks/hbm_traffic.py hlo/v5p-8_train_batch1024.hlo.txt --only 'ResNet/(conv1|bn1)/'
 
 Each top-level instruction of the entry computation (a fusion, a convolution, a collective, a copy)
 reads its operands from HBM and writes its result there; inside a fusion nothing touches HBM. The
@@ -73,10 +74,14 @@ def entry_instructions(hlo: str) -> list[str]:
     return lines
 
 
+def op_name(line: str) -> str:
+    match = re.search(r'op_name="([^"]*)"', line)
+    return match.group(1) if match else ""
+
+
 def source_group(line: str) -> tuple[str, str]:
     """(pass, module/primitive) from the instruction's metadata op_name."""
-    match = re.search(r'op_name="([^"]*)"', line)
-    name = match.group(1) if match else ""
+    name = op_name(line)
     phase = "backward" if "transpose(" in name else ("forward" if "jvp(" in name else "update/other")
     parts = [p for p in re.sub(r"\w+\(([^()]*)\)", r"\1", name).split("/") if p]
     parts = [p for p in parts if not p.startswith(("jit", "train_step", "ResNet"))]
@@ -113,6 +118,7 @@ def analyse(hlo: str) -> list[dict]:
                 read=read,
                 phase=phase,
                 group=group,
+                op_name=op_name(line),
                 convolution="convolution" in line.split("metadata")[0] or "conv" in name,
             )
         )
@@ -141,12 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hlo", help="an optimized HLO text file (preflight --hlo_dir)")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--images", type=int, help="images per device: report MB per image")
+    parser.add_argument("--only", help="a regular expression: count instructions whose op_name matches")
     args = parser.parse_args(argv)
     with open(args.hlo) as f:
         rows = analyse(f.read())
     if not rows:
         print(f"error: no ENTRY instructions found in {args.hlo}", file=sys.stderr)
         return 2
+    if args.only:
+        rows = [r for r in rows if re.search(args.only, r["op_name"])]
+        if not rows:
+            print(f"error: no instruction's op_name matches --only {args.only!r}", file=sys.stderr)
+            return 2
     print(report(rows, args.top, args.images))
     return 0
 

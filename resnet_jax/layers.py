@@ -8,8 +8,9 @@ names follow torchvision's and timm's (`conv1`, `bn1`, `se/fc1`) so that `weight
 state dicts one to one.
 
 `FoldedBatchNorm` computes a stride-1 1x1 convolution and the BatchNorm after it as one
-convolution, for the bottlenecks' last convolution and stride-1 projection shortcuts (see its
-docstring; docs/benchmarks.md has the HBM traffic it saves).
+convolution, for the bottlenecks' last convolution and stride-1 projection shortcuts, and
+`PooledStemNorm` normalises the ImageNet stem after its max-pool (see their docstrings;
+docs/benchmarks.md has the HBM traffic they save).
 """
 
 from __future__ import annotations
@@ -134,14 +135,48 @@ class GhostBatchNorm(BatchNormVariables):
                     f"reaching {self.name}"
                 )
             groups = x32.reshape(x.shape[0] // self.group_size, self.group_size, *x.shape[1:])
-            axes = tuple(range(1, groups.ndim - 1))
-            mean = groups.mean(axes, keepdims=True)
-            var = jnp.maximum(0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(mean))
+            mean, var = _moments(groups, tuple(range(1, groups.ndim - 1)), keepdims=True)
             self.update_running(
                 ra_mean, ra_var, mean.mean(0).reshape(features), var.mean(0).reshape(features)
             )
         y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.reshape(x.shape).astype(self.dtype)
+
+
+def _moments(x: jax.Array, axes: tuple[int, ...], keepdims: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Mean and biased variance as `nn.BatchNorm` computes them (E[x^2] - E[x]^2, clipped at 0)."""
+    mean = x.mean(axes, keepdims=keepdims)
+    return mean, jnp.maximum(0.0, jnp.square(x).mean(axes, keepdims=keepdims) - jnp.square(mean))
+
+
+class PooledStemNorm(BatchNormVariables):
+    """The ImageNet stem's BatchNorm, activation and 3x3/2 max-pool, normalised after the pooling.
+
+    Per channel, act(a * y + b) with a = scale / std is monotone in y: non-decreasing where a >= 0,
+    non-increasing where a < 0. Flipping the sign of those channels (y' = sign(scale) * y) makes
+    every channel non-decreasing, and a max-pool commutes with a non-decreasing function:
+    max-pool(act(a * y + b)) = act(|a| * max-pool(y') + b). So the normalisation and activation
+    run on the pooled activation, a quarter of the convolution's output, and nothing of that size
+    but the convolution's output itself is written. The statistics still come from the whole y
+    (the running mean is sign(scale) * mean(y')); forward values are BatchNorm-then-pool's, and so
+    are the gradients except where a pooling window holds ties. Variables are `nn.BatchNorm`'s.
+    """
+
+    explicit_padding: bool = False  # max_pool_torch's option, for ONNX export
+
+    @nn.compact
+    def __call__(self, y: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        ra_mean, ra_var, scale, bias = self.norm_variables(y.shape[-1])
+        sign = jnp.where(scale < 0, -1.0, 1.0)
+        flipped = y * sign.astype(y.dtype)
+        if self.use_running_average:
+            flipped_mean, var = ra_mean.value * sign, ra_var.value
+        else:
+            flipped_mean, var = _moments(flipped.astype(jnp.promote_types(y.dtype, jnp.float32)), (0, 1, 2))
+            self.update_running(ra_mean, ra_var, flipped_mean * sign, var)
+        pooled = max_pool_torch(flipped, self.explicit_padding)
+        magnitude = jax.lax.rsqrt(var + self.epsilon) * jnp.abs(scale)
+        return act(((pooled - flipped_mean) * magnitude + bias).astype(self.dtype))
 
 
 class Conv1x1Kernel(nn.Module):

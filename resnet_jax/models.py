@@ -37,6 +37,7 @@ from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part
     FoldedBatchNorm,
     GhostBatchNorm,
     Identity,
+    PooledStemNorm,
     PreActBasicBlock,
     PreActBottleneckBlock,
     Shortcut,
@@ -82,7 +83,7 @@ class ResNet(nn.Module):
     norm: str = "batch"
     bn_group_size: int = 0  # 0: statistics over the whole batch; k: over groups of k examples
     frozen_norm: bool = False  # BatchNorm uses (and keeps) its running statistics in training too
-    fold_bn: bool = True  # stride-1 1x1 conv + BatchNorm as one convolution (layers.FoldedBatchNorm)
+    fold_bn: bool = True  # layers.FoldedBatchNorm after stride-1 1x1 convs, layers.PooledStemNorm
     explicit_pool_padding: bool = False  # for ONNX export: jax2onnx drops a pooling window's padding
     activation: str = "relu"
     drop_path_rate: float = 0.0
@@ -123,10 +124,15 @@ class ResNet(nn.Module):
             x = act(norm(name="stem_bn2")(padded_conv(stem_width // 2, (3, 3), name="stem_conv2")(x)))
         kernel, strides = {"imagenet": (7, 2), "cifar": (3, 1), "deep": (3, 1)}[self.stem]
         x = padded_conv(stem_width, (kernel, kernel), (strides, strides), name="conv1")(x)
-        if not pre_activation:
-            x = act(norm(name="bn1")(x))
-        if self.stem != "cifar":
-            x = max_pool_torch(x, self.explicit_pool_padding)
+        if folds and not pre_activation and self.stem != "cifar":
+            x = PooledStemNorm(**norm_options, explicit_padding=self.explicit_pool_padding, name="bn1")(
+                x, act
+            )
+        else:
+            if not pre_activation:
+                x = act(norm(name="bn1")(x))
+            if self.stem != "cifar":
+                x = max_pool_torch(x, self.explicit_pool_padding)
 
         num_blocks, index = sum(self.stage_sizes), 0
         for i, stage_size in enumerate(self.stage_sizes):
@@ -267,7 +273,8 @@ def create(
     parameter tree as it is. `frozen_norm` keeps BatchNorm in inference mode in training too
     (linear probing). `fold_bn` computes each BatchNorm that follows a stride-1 1x1 convolution
     (the bottlenecks' last, stride-1 projections) as one convolution with statistics from the
-    input's covariance: the same model, fewer bytes moved (`layers.FoldedBatchNorm`).
+    input's covariance (`layers.FoldedBatchNorm`), and the ImageNet stem's BatchNorm and activation
+    after its max-pool (`layers.PooledStemNorm`): the same model, fewer bytes moved.
     """
     check_choice("model", name, names())
     check_choice("norm", norm, NORMS)
@@ -306,10 +313,12 @@ def create(
 
 
 def folds_bn(setting: str, platform: str) -> bool:
-    """Whether `config.fold_bn` folds BatchNorm into 1x1 convolutions on devices of `platform`.
+    """Whether `config.fold_bn` folds BatchNorm into 1x1 convolutions (and normalises the stem
+    after its max-pool) on devices of `platform`.
 
-    "auto" folds on TPUs, where XLA's cost analysis counts 10 % fewer HBM bytes per ResNet-50
-    image; XLA's CUDA backend plans more memory for the folded step, and no GPU timing says it pays.
+    "auto" folds on TPUs, where XLA's cost analysis counts fewer HBM bytes per ResNet-50 image
+    (docs/benchmarks.md); XLA's CUDA backend plans more memory for the folded step, and no GPU
+    timing says it pays.
     """
     check_choice("config.fold_bn", setting, FOLD_BN)
     return setting == "on" or (setting == "auto" and platform == "tpu")

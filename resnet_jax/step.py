@@ -165,14 +165,21 @@ def accumulate_gradients(
     return (losses.mean(), (join_micro_batches(logits), batch_stats)), grads
 
 
-def global_norm(tree: Any) -> jax.Array:
-    """The L2 norm of all leaves together, as one reduction over their concatenation.
+def global_norm(tree: Any, concatenate: bool = False) -> jax.Array:
+    """The L2 norm of all leaves together: one sum of squares per leaf, or (`concatenate`) one
+    reduction over their concatenation.
 
-    `optax.global_norm` emits one reduction per leaf; on the ResNet-18 step that is 109 of its 711
-    fusions and about 10 % of its compile time on a CPU. The concatenation copies the gradients
-    once (a parameter-sized buffer), which is small next to the step's activations.
+    Per leaf, XLA fuses each square-sum into the work that already reads the gradient; on TPU the
+    concatenation's parameter-sized copy costs more HBM traffic (docs/benchmarks.md). On a CPU the
+    per-leaf reductions are 109 of the ResNet-18 step's 711 fusions and about 10 % of its compile
+    time, so the CPU concatenates.
     """
-    return jnp.linalg.norm(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)]))
+    leaves = jax.tree.leaves(tree)
+    if concatenate:
+        return jnp.linalg.norm(jnp.concatenate([jnp.ravel(x) for x in leaves]))
+    return jnp.sqrt(
+        sum(jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves)
+    )
 
 
 def update_loss_scale(
@@ -205,6 +212,7 @@ def train_step(
     ema_decay: float = 0.0,
     loss_scale_period: int = 2000,
     seed: int = 0,
+    concat_grad_norm: bool = False,
 ) -> tuple[TrainState, metrics.TrainMetrics]:
     """One optimizer step; a non-finite loss or gradient is counted (and skipped if asked).
 
@@ -213,7 +221,8 @@ def train_step(
     dropout, stochastic depth) comes from `seed` and the step number, so a resumed run repeats it.
     With a loss scale in the state (float16), the loss is scaled before differentiation, a
     non-finite step is skipped and the scale adapts (`update_loss_scale`). `loss` is `softmax`
-    (cross-entropy) or `bce` (`binary_cross_entropy`).
+    (cross-entropy) or `bce` (`binary_cross_entropy`). `concat_grad_norm` picks `global_norm`'s
+    single reduction (for CPUs, where it compiles faster).
     """
     key = jax.random.fold_in(rng_key(seed), state.step)
     mix_key, dropout_key = jax.random.split(key)
@@ -258,7 +267,7 @@ def train_step(
             jax.random.split(dropout_key, k),
         )
         (loss, (logits, batch_stats)), grads = accumulate_gradients(loss_and_grads, state, inputs, k)
-    grad_norm = global_norm(grads)
+    grad_norm = global_norm(grads, concat_grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     # One scalar test instead of one reduction per gradient and update leaf (which doubled the
     # step's HLO and its compile time): an inf/NaN anywhere makes the norm non-finite, and so

@@ -104,6 +104,7 @@ class CompiledSteps:
                 seed=config.seed,
                 mean=info.mean,
                 std=info.std,
+                concat_grad_norm=mesh.devices.flat[0].platform == "cpu",
             ),
             in_shardings=(replicated, self.batch_sharding),
             out_shardings=(replicated, replicated),

@@ -343,6 +343,59 @@ def test_folded_batchnorm_is_as_accurate_in_float32_when_the_mean_dwarfs_the_spr
     assert error[folded] <= max(4 * error[conv_then_batchnorm], 1e-5), error
 
 
+def stem_norm_pairs(y, scale, bias, activation, train):
+    """(PooledStemNorm, nn.BatchNorm then the activation then the stem's max-pool): output and the
+    running statistics each writes."""
+    act = models.ACTIVATIONS[activation]
+    stats = {"mean": jnp.full(scale.shape, 0.5, y.dtype), "var": jnp.full(scale.shape, 2.0, y.dtype)}
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
+    options = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=y.dtype)
+    pooled, new = layers.PooledStemNorm(**options).apply(variables, y, act, mutable=["batch_stats"])
+    normed, old = nn.BatchNorm(**options, param_dtype=scale.dtype).apply(
+        variables, y, mutable=["batch_stats"]
+    )
+    return (pooled, new), (layers.max_pool_torch(act(normed)), old)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("train", [True, False])
+def test_pooled_stem_norm_is_batchnorm_activation_then_max_pool(activation, train):
+    # Negative and positive scales (the sign flip), an odd size (the pool's edge windows), float64:
+    # outputs, running statistics and the gradients for the input, scale and bias all agree.
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(3), 3)
+        y = 2 * jax.random.normal(k[0], (3, 9, 9, 6), jnp.float64) + 1
+        scale = jnp.array([1.5, -0.7, 0.3, -2.0, 1.0, -0.1], jnp.float64)
+        bias = 0.3 * jax.random.normal(k[1], (6,), jnp.float64)
+        (ours, new), (theirs, old) = stem_norm_pairs(y, scale, bias, activation, train)
+        assert ours.shape == (3, 5, 5, 6)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+        weights = jax.random.normal(k[2], ours.shape, jnp.float64)
+        grads = [
+            jax.grad(
+                lambda *a, i=i: jnp.sum(weights * stem_norm_pairs(*a, activation, train)[i][0]), (0, 1, 2)
+            )(y, scale, bias)
+            for i in (0, 1)
+        ]
+        for a, b in zip(*grads, strict=True):
+            assert float(jnp.max(jnp.abs(b))) > 1e-3
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_pooled_stem_norm_gives_batchnorm_then_pool_bit_for_bit_in_bfloat16():
+    # Rounding is monotone, so pooling before the normalisation selects the same rounded value.
+    y = jax.random.normal(jax.random.key(4), (4, 16, 16, 8)).astype(jnp.bfloat16)
+    scale = jnp.linspace(-1.5, 1.5, 8)
+    bias = jnp.linspace(-0.2, 0.3, 8)
+    (ours, new), (theirs, old) = stem_norm_pairs(y, scale, bias, "relu", True)
+    assert ours.dtype == theirs.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(ours, theirs)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_fold_bn_builds_the_same_model_with_the_same_parameters_and_gradients():
     # A narrow bottleneck ResNet (one block per stage: stride-1 and strided projections) in float64
     # with folding on and off: one parameter tree, one initialisation, and the same logits, updated
@@ -380,12 +433,12 @@ def test_fold_bn_builds_the_same_model_with_the_same_parameters_and_gradients():
 
 
 def test_only_stride_1_convolutions_before_plain_batchnorm_are_folded():
-    def folded_names(name, **options):
+    def folded_names(name, kind="FoldedBatchNorm", **options):
         module = models.create(name, 10, **options)
         table = module.tabulate(
             jax.random.key(0), jnp.zeros((2, 32, 32, 3)), depth=3, console_kwargs={"width": 400}
         )
-        return {line.split("│")[1].strip() for line in table.splitlines() if "FoldedBatchNorm" in line}
+        return {line.split("│")[1].strip() for line in table.splitlines() if kind in line}
 
     names = folded_names("resnet50")
     assert "layer1_0/bn3" in names and "layer4_2/bn3" in names and "layer1_0/shortcut/downsample_bn" in names
@@ -394,6 +447,15 @@ def test_only_stride_1_convolutions_before_plain_batchnorm_are_folded():
     assert not folded_names("resnet50", fold_bn=False)
     assert not folded_names("resnet50", bn_group_size=2)  # ghost BN keeps its own statistics
     assert not folded_names("resnet18") and not folded_names("preact_resnet50")
+    # The ImageNet stem's BatchNorm runs after its max-pool under the same switch.
+    assert (
+        folded_names("resnet18", "PooledStemNorm") == folded_names("resnet50d", "PooledStemNorm") == {"bn1"}
+    )
+    assert not folded_names("resnet50", "PooledStemNorm", fold_bn=False)
+    assert not folded_names("resnet50", "PooledStemNorm", bn_group_size=2)
+    assert not folded_names("preact_resnet50", "PooledStemNorm") and not folded_names(
+        "resnet20", "PooledStemNorm"
+    )
 
 
 def test_stem_pool_padding_in_the_window_or_explicit_gives_the_same_numbers():

@@ -387,4 +387,7 @@ def test_the_steps_global_norm_equals_optaxs():
     from resnet_jax import step
 
     params = resnet20_params()
-    np.testing.assert_allclose(step.global_norm(params), optax.global_norm(params), rtol=1e-6)
+    for concatenate in (False, True):
+        np.testing.assert_allclose(
+            step.global_norm(params, concatenate), optax.global_norm(params), rtol=1e-6
+        )
