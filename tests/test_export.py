@@ -3,6 +3,7 @@
 The ONNX tests need the `.[onnx]` extra; CI installs it after the main suite and runs this file again.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,10 +40,14 @@ STABLEHLO_RTOL = 1e-5
 ONNX_RTOL = 1e-4
 
 
-def random_trained(name: str, image_size: int = 32, num_classes: int = 10, seed: int = 0) -> TrainedModel:
+def random_trained(
+    name: str, image_size: int = 32, num_classes: int = 10, seed: int = 0, **overrides
+) -> TrainedModel:
     """A randomly initialised net with live residual branches and running variances off 1 (so that
     normalisation with the running statistics is exercised, not an identity)."""
-    config = complete_config(ml_collections.ConfigDict({"model": name, "zero_init_residual": False}))
+    config = complete_config(
+        ml_collections.ConfigDict({"model": name, "zero_init_residual": False, **overrides})
+    )
     info = data.DatasetInfo(
         name="random",
         num_classes=num_classes,
@@ -113,6 +118,20 @@ def test_every_family_exports_to_onnx_with_parity(name):
     x = images(3, trained.info.image_shape)
     (ours,) = session.run(None, {"images": x})
     assert max_relative_difference(ours, reference(trained, x, "logits")) <= ONNX_RTOL
+
+
+def test_a_net_built_as_on_tpus_exports_to_onnx_with_parity():
+    # fold_bn (the default on TPU meshes): FoldedBatchNorm layers and the stem normalised after its
+    # max-pool, whose -inf padding ONNX export makes explicit.
+    pytest.importorskip("jax2onnx", reason="the ONNX tests need pip install -e '.[onnx]'")
+    trained = random_trained("resnet50", fold_bn="on")
+    assert trained.model.fold_bn
+    session = onnx_session(export.to_onnx(trained, "logits"))
+    x = images(3, trained.info.image_shape)
+    (ours,) = session.run(None, {"images": x})
+    assert max_relative_difference(ours, reference(trained, x, "logits")) <= ONNX_RTOL
+    unfolded = dataclasses.replace(trained, model=trained.model.clone(fold_bn=False))
+    assert max_relative_difference(ours, reference(unfolded, x, "logits")) <= ONNX_RTOL
 
 
 def test_the_batch_dimension_is_symbolic_and_bad_inputs_are_clear_errors():
