@@ -102,6 +102,12 @@ def onnx_session(blob: bytes):
     return ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
 
 
+def onnx_logits(trained: TrainedModel, x: np.ndarray) -> np.ndarray:
+    """The logits of `trained` exported to ONNX, run by onnxruntime on `x`."""
+    (logits,) = onnx_session(export.to_onnx(trained, "logits")).run(None, {"images": x})
+    return logits
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_exports_to_stablehlo_with_parity(name):
     trained = random_trained(name)
@@ -114,10 +120,8 @@ def test_every_family_exports_to_stablehlo_with_parity(name):
 def test_every_family_exports_to_onnx_with_parity(name):
     pytest.importorskip("jax2onnx", reason="the ONNX tests need pip install -e '.[onnx]'")
     trained = random_trained(name)
-    session = onnx_session(export.to_onnx(trained, "logits"))
     x = images(3, trained.info.image_shape)
-    (ours,) = session.run(None, {"images": x})
-    assert max_relative_difference(ours, reference(trained, x, "logits")) <= ONNX_RTOL
+    assert max_relative_difference(onnx_logits(trained, x), reference(trained, x, "logits")) <= ONNX_RTOL
 
 
 def test_a_net_built_as_on_tpus_exports_to_onnx_with_parity():
@@ -126,9 +130,8 @@ def test_a_net_built_as_on_tpus_exports_to_onnx_with_parity():
     pytest.importorskip("jax2onnx", reason="the ONNX tests need pip install -e '.[onnx]'")
     trained = random_trained("resnet50", fold_bn="on")
     assert trained.model.fold_bn
-    session = onnx_session(export.to_onnx(trained, "logits"))
     x = images(3, trained.info.image_shape)
-    (ours,) = session.run(None, {"images": x})
+    ours = onnx_logits(trained, x)
     assert max_relative_difference(ours, reference(trained, x, "logits")) <= ONNX_RTOL
     unfolded = dataclasses.replace(trained, model=trained.model.clone(fold_bn=False))
     assert max_relative_difference(ours, reference(unfolded, x, "logits")) <= ONNX_RTOL
