@@ -11,11 +11,14 @@ checkpoint is never taken as the latest.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -26,13 +29,29 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 from resnet_jax import progress
 from resnet_jax.errors import UserError
 
-# Changing any of these makes a checkpoint unusable (other parameter tree, data or optimizer state).
+# Changing any of these makes a checkpoint another run's (other parameter tree, data or data order),
+# whatever the state's layout. Other keys that change the layout (clipping, EMA, float16's loss
+# scale, ...) are found by comparing the saved state with the config's (`layout_difference`).
 INCOMPATIBLE_KEYS = ("model", "dataset", "image_size", "optimizer", "batch_size", "seed")
-# Keys that decide whether a part of the state exists: changing their value within a side is fine.
-STATE_LAYOUT = {
-    "ema_decay": lambda c: c.get("ema_decay", 0.0) > 0,
-    "dtype": lambda c: c.get("dtype") == "float16",  # the loss scale
-}
+
+Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+class _ExpectedReadWarnings(logging.Filter):
+    """Orbax warns on every read-only open of a checkpoint directory, which `evaluate`, `predict`,
+    `export` and fine-tuning do by design; those warnings only bury real ones."""
+
+    EXPECTED = (
+        "CheckpointManagerOptions.read_only=True",
+        "Given directory is read only",
+        "Metadata file does not exist",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_ExpectedReadWarnings())
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -144,7 +163,10 @@ class Checkpoints:
         """'latest', 'best' or a step number -> a step that exists (clear error otherwise)."""
         steps = self.steps()
         if not steps:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
+            hint = ""
+            if os.path.basename(self.workdir) == "checkpoints":  # given WORKDIR/checkpoints for WORKDIR
+                hint = f"; --workdir is the run's directory: did you mean {os.path.dirname(self.workdir)}?"
+            raise CheckpointError(f"no checkpoint in {self.directory}{hint}")
         if which == "latest":
             return steps[-1]
         if which == "best":
@@ -170,22 +192,36 @@ class Checkpoints:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
 
+    def saved_layout(self, step: int) -> Layout:
+        return leaf_layout(self.manager.item_metadata(step)["state"])
+
     def restore_latest(
-        self, abstract_state: Any, data_iterator: Any | None = None, config: Any | None = None
+        self,
+        abstract_state: Any,
+        data_iterator: Any | None = None,
+        config: Any | None = None,
+        explain_layout: Callable[[dict[str, Any], Layout], list[str]] | None = None,
     ) -> tuple[int, dict] | None:
         """Restore the newest readable checkpoint; broken ones are moved aside with a warning.
 
-        With `config`, the saved config is checked first (`check_compatible`), so that a checkpoint
-        of another model is refused with a clear error instead of being mistaken for a broken one.
+        With `config`, the saved config (`check_compatible`) and the saved state's layout are
+        checked first, so that a checkpoint of another model, or one whose optimizer state a config
+        change reshaped, is refused with a clear error instead of being mistaken for a broken one.
+        `explain_layout(saved_config, saved_layout)` names the config keys behind a layout change.
         """
         for step in reversed(self.steps()):
             try:
                 saved_config = self.read_json(step, "config")
+                saved_layout = self.saved_layout(step)
             except Exception as e:
                 self._report_broken(step, e)
                 continue
             if config is not None:
                 check_compatible(saved_config, config, step, self.directory)
+                difference = layout_difference(saved_layout, leaf_layout(abstract_state))
+                if difference:
+                    keys = explain_layout(saved_config, saved_layout) if explain_layout else []
+                    raise layout_error(step, self.workdir, difference, keys, saved_config, config)
             try:
                 return step, self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # truncated, deleted or garbled files
@@ -213,27 +249,61 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
+def changed_keys(saved: dict[str, Any], config: Any) -> list[str]:
+    """Keys whose value differs from the saved config's (compared as JSON: tuples are saved as lists)."""
+    current = json.loads(json.dumps(config_to_dict(config)))
+    return [key for key, value in current.items() if key in saved and saved[key] != value]
+
+
 def check_compatible(saved: dict[str, Any], config: Any, step: int, directory: str) -> list[str]:
     """Raise on an incompatible change; return the harmless changes (for the log)."""
     current = config_to_dict(config)
-    for key, in_state in STATE_LAYOUT.items():  # saved state trees with or without the EMA / loss scale
-        if key in saved and in_state(saved) != in_state(current):
-            raise CheckpointError(
-                f"cannot resume from step {step} in {directory}: config.{key} was {saved[key]!r} and is "
-                f"now {current.get(key)!r}, which {'adds' if in_state(current) else 'removes'} part of the "
-                f"saved state; use a new --workdir, or set config.{key}={saved[key]!r}"
-            )
     for key in INCOMPATIBLE_KEYS:
         if key in saved and saved[key] != current.get(key):
             raise CheckpointError(
                 f"cannot resume from step {step} in {directory}: config.{key} was {saved[key]!r} and is "
                 f"now {current.get(key)!r}; use a new --workdir, or set config.{key}={saved[key]!r}"
             )
-    return [
-        f"{key}: {saved.get(key)!r} -> {value!r}"
-        for key, value in current.items()
-        if key in saved and saved[key] != value
-    ]
+    return [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed_keys(saved, config)]
+
+
+def leaf_layout(tree: Any) -> Layout:
+    """'path/to/leaf' -> (shape, dtype) of every array of a state, saved (orbax metadata) or abstract."""
+
+    def name(entry: Any) -> str:
+        for attribute in ("key", "name", "idx"):  # dict keys, dataclass fields, tuple positions
+            if hasattr(entry, attribute):
+                return str(getattr(entry, attribute))
+        return str(entry)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(map(name, path)): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in leaves}
+
+
+def layout_difference(saved: Layout, target: Layout) -> str:
+    """'' when a restore of `saved` into `target` fits; else which parts of the state differ."""
+    differing = {path for path in saved.keys() | target.keys() if saved.get(path) != target.get(path)}
+    parts = sorted({"/".join(path.split("/")[:2]) for path in differing})
+    return ", ".join(parts[:4]) + (f" and {len(parts) - 4} more" if len(parts) > 4 else "")
+
+
+def layout_error(
+    step: int, workdir: str, difference: str, keys: list[str], saved: dict[str, Any], config: Any
+) -> CheckpointError:
+    current = config_to_dict(config)
+    if keys:
+        changes = " and ".join(f"config.{k} changed from {saved[k]!r} to {current[k]!r}" for k in keys)
+        cause = f"because {changes}"
+        flags = " ".join(f"--config.{k}={saved[k]}" for k in keys)
+        way_back = f"set {'it' if len(keys) == 1 else 'them'} back ({flags}), "
+    else:
+        cause = "which no single config change explains (was the code updated since?)"
+        way_back = ""
+    return CheckpointError(
+        f"cannot resume from step {step} in {workdir}: the saved state's layout differs from this "
+        f"config's ({difference}) {cause}. No checkpoint was touched. To go on, {way_back}use a new "
+        f"--workdir, or start a new run from these weights with --workdir=NEW --config.init_from={workdir}"
+    )
 
 
 def with_sharding(abstract: Any, sharding: Any) -> Any:

@@ -9,13 +9,19 @@ also one `error:` line, with status 2.
 
 from __future__ import annotations
 
+import faulthandler
+import glob
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
-from resnet_jax import parallel
-from resnet_jax.errors import UserError
+from resnet_jax import defaults, parallel, peers
+from resnet_jax.errors import ConfigError, UserError, closest, did_you_mean
 
 USER_ERROR_STATUS = 2
 
@@ -67,6 +73,12 @@ def define_distributed(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         return True
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` prints every thread's Python stack to stderr, and the run goes on: the
+    first look at a process that seems stuck (docs/scaling.md)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def initialize_distributed(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     parallel.initialize_distributed(
         flag_values.coordinator_address,
@@ -104,10 +116,114 @@ def fail(message: str) -> None:
     raise SystemExit(USER_ERROR_STATUS)
 
 
+VALUE_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "True or False",
+    "tuple": "a tuple",
+}
+
+
+def override_key(item: str) -> str:
+    return item.removeprefix("--config.").partition("=")[0]
+
+
+def unknown_key_message(item: str, keys: Iterable[str]) -> str:
+    key = override_key(item)
+    hint = did_you_mean(key, keys)
+    return f"{item}: no config key {key!r}{hint} (the keys and their defaults: resnet_jax/defaults.py)"
+
+
+def apply_config_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """`config` with `--config.KEY=VALUE` overrides, parsed by ml_collections' config flags exactly as
+    `train.py` parses them (typed like the current value; tuples, None). Raises `ConfigError`."""
+    for item in overrides:
+        key = override_key(item)
+        if not item.startswith("--config.") or key not in config:
+            raise ConfigError(unknown_key_message(item, config))
+    argv = ["resnet_jax", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
+    try:
+        flag_values(argv)
+    except flags.Error as e:
+        item = next((a for a in overrides if a.split("=")[0] in str(e)), overrides[0])
+        key = override_key(item)
+        kind = VALUE_KINDS.get(type(config[key]).__name__, "value")
+        raise ConfigError(f"{item}: config.{key} takes {kind}, like {config[key]!r}") from None
+    return flag_values.config
+
+
+def check_config_file(path: str) -> None:
+    """Raise `ConfigError` naming a `--config` file that cannot be read, with the nearest config file."""
+    if os.path.isfile(path) and os.access(path, os.R_OK):
+        return
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    candidates = sorted(glob.glob(os.path.join(folder, "*.py")))
+    match = closest(path, candidates) or closest(os.path.basename(path), candidates)
+    hint = f"; did you mean {match}?" if match else f"; the config files are in {folder}/"
+    problem = "cannot be read" if os.path.exists(path) else "does not exist"
+    raise ConfigError(f"config file {path!r} {problem}{hint}")
+
+
+def config_file_argument(argv: Sequence[str]) -> str | None:
+    """The value of `--config` in `argv` (either `--config=PATH` or `--config PATH`)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def absl_flags_parser(doc: str) -> Callable[[list[str]], list[str]]:
+    """`app.run(main, flags_parser=...)` for `train.py` and `benchmark.py`: `--help` prints the usage
+    and exits with 0, and a bad flag or a misspelt `--config.KEY` is one `error:` line with status 2
+    (absl would print a traceback, or exit with 1 after `--help`)."""
+
+    def parse(argv: list[str]) -> list[str]:
+        prog = os.path.basename(argv[0])
+        if "--help" in argv or "-h" in argv or "--helpfull" in argv:
+            print(doc.strip() + "\n")
+            print(flags.FLAGS.main_module_help())
+            print(flags.FLAGS.module_help(sys.modules[__name__]))
+            raise SystemExit(0)
+        path = config_file_argument(argv)
+        if path is not None and "config" in flags.FLAGS:
+            try:
+                check_config_file(path)
+            except ConfigError as e:
+                fail(str(e))
+        try:
+            return flags.FLAGS(argv)
+        except AttributeError:  # ml_collections: a --config.KEY that the config does not have
+            keys = defaults.get_config()  # every config completes from these (config_checks)
+            item = next((a for a in argv if a.startswith("--config.") and override_key(a) not in keys), "")
+            fail(unknown_key_message(item, keys))
+        except flags.Error as e:
+            fail(f"{e} (see {prog} --help)")
+
+    return parse
+
+
 def run(work: Callable[[], int | None]) -> int:
-    """`work()`'s exit status (None: 0), or 2 after printing a `UserError` as one line."""
+    """`work()`'s exit status (None: 0), or 2 after printing a `UserError` as one line.
+
+    A lost peer process (`peers.PeerLostError`) is one line too, and ends this process at once with
+    `peers.PEER_LOST_STATUS`.
+    """
     try:
         return work() or 0
+    except BrokenPipeError:  # `python -m resnet_jax.models | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_STATUS
+    except peers.PeerLostError as e:
+        peers.report_and_exit(str(e))

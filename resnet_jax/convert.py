@@ -26,7 +26,7 @@ import ml_collections
 from absl import flags
 
 from resnet_jax import checkpoint, cli, data, models, weights
-from resnet_jax.errors import ConfigError, check_choice
+from resnet_jax.errors import check_choice
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 IMAGENET_SIZES = {"train": 1_281_167, "eval": 50_000}
@@ -40,8 +40,7 @@ NORMALIZATIONS = {
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """`get_config()` of a config file, as train.py's --config reads it."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config configs/default.py")
+    cli.check_config_file(str(path))
     spec = importlib.util.spec_from_file_location("resnet_jax_convert_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -123,6 +123,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_images = 8
     config.profile_steps = ""
 
+    # The watchdog (docs/scaling.md, "When a run hangs"): a process that completes no unit of work (a
+    # train step, an eval batch) for watchdog_seconds prints its Python stacks and exits with status
+    # 3. 0: automatic, 10 x the longest step + the longest compile, at least 60 s. Compiling, the
+    # first evaluation and checkpoint saves may take up to watchdog_compile_seconds.
+    config.watchdog_seconds = 0.0
+    config.watchdog_compile_seconds = 1800.0
+
     # JAX's persistent compilation cache: None = ~/.cache/resnet_jax/jax_cache, '' = off.
     config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
     return config

@@ -7,22 +7,29 @@ Prints loss, top-1 and top-5 and writes them to DIR/eval_step{STEP}.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 from absl import flags
 
 from resnet_jax import cli, data, inference, parallel
-from resnet_jax.config_checks import ConfigError, check_config
-from resnet_jax.inference import apply_overrides, load_trained
+from resnet_jax.errors import ConfigError
+from resnet_jax.inference import load_trained
 
 
-def evaluate_checkpoint(workdir: str, which: str = "latest", overrides: list[str] = ()) -> dict[str, float]:
-    trained = load_trained(workdir, which)
+def evaluate_checkpoint(
+    workdir: str, which: str = "latest", overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """Scores of one checkpoint on its config's eval split (`overrides` change that config first).
+
+    Images are normalised with the statistics the run trained with (saved in the checkpoint), not
+    the dataset's own: a run fine-tuned from other weights used those weights' statistics.
+    """
+    trained = load_trained(workdir, which, overrides)
     config = trained.config
-    apply_overrides(config, list(overrides))
-    config = check_config(config)
     dataset = data.load(config)
     if dataset.info.num_classes != trained.info.num_classes:
         raise ConfigError(
@@ -31,7 +38,8 @@ def evaluate_checkpoint(workdir: str, which: str = "latest", overrides: list[str
         )
     mesh = parallel.create_mesh()
     batch_size = inference.eval_batch_size(config, mesh)
-    eval_step = inference.compile_eval_step(trained.model, dataset.info, mesh)
+    trained_info = dataclasses.replace(dataset.info, mean=trained.info.mean, std=trained.info.std)
+    eval_step = inference.compile_eval_step(trained.model, trained_info, mesh)
     collection = inference.evaluate(eval_step, trained.state, dataset, batch_size=batch_size, mesh=mesh)
     result = collection.compute()
     return {

@@ -167,7 +167,7 @@ def export_checkpoint(
     blob = to_stablehlo(trained, outputs) if fmt == "stablehlo" else to_onnx(trained, outputs)
     out = out or os.path.join(workdir, "export", f"{trained.config.model}_step{trained.step}{SUFFIXES[fmt]}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    meta_path = os.path.splitext(out)[0] + ".json"
+    meta_path = out + ".json"  # per artifact: exporting one format never touches the other's files
     _write_atomically(out, blob)
     _write_atomically(meta_path, (json.dumps(metadata(trained, fmt, outputs), indent=1) + "\n").encode())
     return out, meta_path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -15,8 +15,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from resnet_jax import checkpoint, data, metrics, models, parallel
-from resnet_jax.config_checks import complete_config
-from resnet_jax.errors import ConfigError, did_you_mean
+from resnet_jax.cli import apply_config_overrides
+from resnet_jax.config_checks import check_config, complete_config
+from resnet_jax.errors import ConfigError
 from resnet_jax.step import TrainState, eval_step
 
 EvalStep = Callable[[TrainState, dict[str, jax.Array]], metrics.EvalMetrics]
@@ -49,8 +50,12 @@ def evaluate(
     *,
     batch_size: int,
     mesh: jax.sharding.Mesh,
+    track: Callable[[int, metrics.EvalMetrics], None] | None = None,
 ) -> metrics.EvalMetrics:
-    """Metrics over the whole eval split (each image once, padding masked) of `state.for_eval()`."""
+    """Metrics over the whole eval split (each image once, padding masked) of `state.for_eval()`.
+
+    `track(i, outputs)` hears of each dispatched batch (the training loop's watchdog).
+    """
     batches = data.eval_batches(
         dataset,
         global_batch_size=batch_size,
@@ -58,9 +63,13 @@ def evaluate(
         process_count=jax.process_count(),
     )
     eval_state, sharding = state.for_eval(), parallel.data_sharding(mesh)
-    return metrics.merge_all(
-        [parallel.in_order(compiled_eval_step(eval_state, parallel.to_global(b, sharding))) for b in batches]
-    )
+    results = []
+    for i, batch in enumerate(batches):
+        results.append(compiled_eval_step(eval_state, parallel.to_global(batch, sharding)))
+        if track is not None:
+            track(i, results[-1])
+        parallel.in_order(results[-1])
+    return metrics.merge_all(results)
 
 
 @dataclasses.dataclass
@@ -70,28 +79,6 @@ class TrainedModel:
     info: data.DatasetInfo
     model: Any
     state: TrainState  # params and batch_stats (their EMA if the run kept one); no optimizer state
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-    """`--config.key=value` strings, typed like the saved value (as absl's config flags do)."""
-    for item in overrides:
-        key, sep, text = item.removeprefix("--config.").partition("=")
-        if not sep or key not in config:
-            hint = did_you_mean(key, config) if sep else ""
-            raise ConfigError(
-                f"{item!r}: expected --config.KEY=VALUE{hint} with one of: {', '.join(sorted(config))}"
-            )
-        old = config[key]
-        try:
-            if isinstance(old, bool):
-                value = text.lower() in ("1", "true", "yes")
-            elif isinstance(old, int | float) and old is not None:
-                value = type(old)(text)
-            else:
-                value = None if text == "None" else text
-            config[key] = value
-        except (TypeError, ValueError):
-            raise ConfigError(f"{item!r}: config.{key} takes a {type(old).__name__}, like {old!r}") from None
 
 
 def replicated_target(checkpoints: checkpoint.Checkpoints, step: int) -> Any:
@@ -106,8 +93,12 @@ def replicated_target(checkpoints: checkpoint.Checkpoints, step: int) -> Any:
     return checkpoint.with_sharding(tree, parallel.replicated(parallel.create_mesh()))
 
 
-def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
-    """One checkpoint's params and batch_stats, with the config and dataset metadata saved beside them."""
+def load_trained(workdir: str, which: str | int = "latest", overrides: Sequence[str] = ()) -> TrainedModel:
+    """One checkpoint's params and batch_stats, with the config and dataset metadata saved beside them.
+
+    `overrides` (`--config.KEY=VALUE`, such as `--config.dtype=bfloat16`) change the saved config
+    before the model is built from it.
+    """
     checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
     step = checkpoints.resolve(which)
     items = checkpoints.manager.restore(
@@ -124,6 +115,8 @@ def load_trained(workdir: str, which: str | int = "latest") -> TrainedModel:
             info_fields[key] = tuple(info_fields[key])
     info = data.DatasetInfo(**info_fields)
     config = complete_config(ml_collections.ConfigDict(items["config"]))
+    if overrides:
+        config = check_config(apply_config_overrides(config, overrides))
     saved = items["state"]
     weights = saved.get("ema") or saved  # a run with config.ema_decay evaluated its average
     state = TrainState(

@@ -61,6 +61,14 @@ class EvalMetrics(metrics.Collection):
 
 
 def merge_all(collections: list[metrics.Collection]) -> metrics.Collection:
+    """The collections merged on the host, after one `device_get`.
+
+    Merging the device arrays instead would launch a small eager program per add; in a
+    multi-process run those are multi-device programs that XLA's CPU client can interleave with
+    the in-flight train steps in a different order on each process, which hung two-process runs
+    (docs/scaling.md, "Two-process hangs"). On the host the merge also costs no launches.
+    """
+    collections = jax.device_get(collections)
     merged = collections[0]
     for other in collections[1:]:
         merged = merged.merge(other)

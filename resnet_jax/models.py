@@ -410,6 +410,12 @@ def forward_flops(module: nn.Module, image_size: int, channels: int = 3) -> floa
     return xla_flops(jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, x))
 
 
+def gflops_column(flops: float | None) -> str:
+    """The table's GFLOPs: 'unknown' where no cost model answers (XLA's analysis may be missing,
+    None, or lack "flops"), rather than a TypeError on None."""
+    return f"{flops / 1e9:8.3f}" if flops else "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m resnet_jax.models`: parameters and forward GFLOPs of the registry."""
     flag_values = flags.FlagValues()
@@ -440,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 else (flag_values.image_size, flag_values.num_classes)
             )
             module = create(name, classes)
-            flops = "" if flag_values.no_flops else f"{forward_flops(module, size) / 1e9:8.3f}"
+            flops = "" if flag_values.no_flops else gflops_column(forward_flops(module, size))
             print(f"{name:<20} {size:>5} {count_params(module, size) / 1e6:>11.2f}M {flops:>8}", flush=True)
         print(f"{len(selected)} models in {time.perf_counter() - start:.0f}s", file=sys.stderr)
 

@@ -110,7 +110,9 @@ def create_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> opta
     elif name == "step":
         boundaries = [round(e * steps_per_epoch) - warmup for e in config.lr_step_epochs]
         factor = config.lr_decay_factor
-        after = optax.piecewise_constant_schedule(peak, {max(0, b): factor for b in boundaries})
+        # A boundary past the run's end never fires; kept, a far one would overflow the int32 step.
+        fired = {max(0, b): factor for b in boundaries if b <= decay_steps}
+        after = optax.piecewise_constant_schedule(peak, fired)
     elif name == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
     elif name == "linear":

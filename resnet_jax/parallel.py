@@ -13,11 +13,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from resnet_jax import cpu_host
+
 DATA_AXIS = "data"
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    if devices is None:
+        with cpu_host.quiet_driver_probes():  # the backends start here, probing for drivers
+            devices = jax.devices()
     if not devices:
         raise ValueError("no JAX devices found; check the JAX installation (jax.devices() is empty)")
     return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -193,5 +197,18 @@ def initialize_distributed(
     if distributed is None and coordinator_address is None and cluster_process_count() < 2:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS,
+        shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_SECONDS,
+    )
     return True
+
+
+# A process whose coordination heartbeats stop for this long is declared dead, and JAX aborts every
+# other process (its default is 100 s). `peers.PeerMonitor` names a dead peer sooner; this is the
+# backstop. At exit, processes wait this long for each other.
+HEARTBEAT_TIMEOUT_SECONDS = 60
+SHUTDOWN_TIMEOUT_SECONDS = 60

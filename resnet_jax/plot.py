@@ -1,6 +1,6 @@
 """Loss, accuracy and learning-rate curves of one or several runs, from their metrics.jsonl.
 
-    python -m resnet_jax.plot WORKDIR [WORKDIR ...] --out curves.png
+    python -m resnet_jax.plot WORKDIR [WORKDIR ...] [--out curves.png]
 
 One colour per run (the legend names its workdir); solid lines are train, dashed lines eval.
 """
@@ -97,7 +97,9 @@ def plot_runs(workdirs: Sequence[str], out: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     flag_values = flags.FlagValues()
-    flags.DEFINE_string("out", "curves.png", "Image file to write.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "out", None, "Image file (default: curves.png in the first WORKDIR).", flag_values=flag_values
+    )
     workdirs = cli.parse(
         flag_values, argv, prog="python -m resnet_jax.plot", doc=__doc__, positional="WORKDIR ..."
     )
@@ -107,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def work() -> None:
+        out = flag_values.out or os.path.join(workdirs[0], "curves.png")
         try:
-            path = plot_runs(workdirs, flag_values.out)
+            path = plot_runs(workdirs, out)
         except OSError as e:
-            raise PlotError(f"cannot write {flag_values.out!r}: {e.strerror or e}") from None
+            raise PlotError(f"cannot write {out!r}: {e.strerror or e}") from None
         print(f"wrote {path}")
 
     return cli.run(work)

@@ -1,6 +1,6 @@
 """Compile the real train and eval steps for TPU slices and NVIDIA GPU hosts, on a CPU, before renting.
 
-    python -m resnet_jax.preflight --config configs/imagenet_resnet50.py --target v5e-8 --target h100x8 \
+    python -m resnet_jax.preflight --config configs/imagenet_resnet50.py --target v5e-8 --target h100x8 \\
         [--config.key=value ...] [--max_batch] [--json FILE]
 
 JAX compiles for devices that are not there: libtpu describes TPU slices, the CUDA plugin compiles
@@ -33,7 +33,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import data, sources, targets
+from resnet_jax import cli, data, sources, targets
 from resnet_jax.config_checks import check_config
 from resnet_jax.errors import UserError
 
@@ -69,12 +69,16 @@ class Compiled:
 
 
 def check_extras(chosen: Sequence[targets.Target]) -> None:
-    """One line naming the missing package, before anything compiles."""
+    """One line naming every missing package and the targets that need it, before anything compiles."""
+    missing = []
     for platform in sorted({t.platform for t in chosen}):
         if not any(importlib.util.find_spec(name) for name in PLUGINS[platform]):
-            names = ", ".join(t.name for t in chosen if t.platform == platform)
+            names = [t.name for t in chosen if t.platform == platform]
             package = "libtpu" if platform == "tpu" else "the JAX CUDA plugin"
-            raise PreflightError(f"{names} need {package}, which is not installed: {EXTRA_HINT}")
+            missing.append(f"{', '.join(names)} {'needs' if len(names) == 1 else 'need'} {package}")
+    if missing:
+        verb = "which is" if len(missing) == 1 else "which are"
+        raise PreflightError(f"{' and '.join(missing)}, {verb} not installed: {EXTRA_HINT}")
 
 
 def usable_bytes(target: targets.Target) -> int:
@@ -643,4 +647,4 @@ if __name__ == "__main__":
 
     define_flags()
     logging.set_verbosity(logging.ERROR)  # TFDS warns about metadata-only builders
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.absl_flags_parser(__doc__))

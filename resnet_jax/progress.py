@@ -197,9 +197,13 @@ class StepProfiler:
             jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
             self.active = True
 
+    def finishes(self, step: int) -> bool:
+        """Whether `after_step(step)` writes the trace (which can take a while)."""
+        return self.active and step >= self.end
+
     def after_step(self, step: int, state: Any) -> str | None:
         """Stop after step END; returns the trace folder when it stopped."""
-        if self.active and step >= self.end:
+        if self.finishes(step):
             jax.block_until_ready(state)
             jax.profiler.stop_trace()
             self.active = False

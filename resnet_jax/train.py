@@ -7,14 +7,17 @@ evaluates, checkpoints and handles preemption, with its bookkeeping in `resnet_j
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from resnet_jax import (
     checkpoint,
@@ -26,12 +29,15 @@ from resnet_jax import (
     models,
     optim,
     parallel,
+    peers,
     prefetch,
     progress,
+    watchdog,
     writers,
 )
 from resnet_jax import mixing as mixing_lib
-from resnet_jax.config_checks import ConfigError, check_config
+from resnet_jax.config_checks import ConfigError, check_config, complete_config
+from resnet_jax.errors import UserError
 from resnet_jax.progress import log
 from resnet_jax.step import TrainState, eval_logits, init_state, rng_key, train_step
 
@@ -43,6 +49,67 @@ def mixing_from_config(config: ml_collections.ConfigDict) -> mixing_lib.Mixing:
         switch_prob=config.mixup_switch_prob,
         prob=config.mixup_prob,
     )
+
+
+def run_length(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> tuple[int, int]:
+    """(steps per epoch, total steps)."""
+    steps_per_epoch = max(1, info.num_train // config.batch_size)
+    total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    return steps_per_epoch, total
+
+
+def model_and_optimizer(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, platform: str
+) -> tuple[Any, optax.GradientTransformation, optax.Schedule]:
+    """The config's model, optimizer (frozen backbone for linear probing) and learning-rate schedule."""
+    model = models.create_model(config, info.num_classes, platform)
+    tx, schedule = optim.create(config, *run_length(config, info))
+    if config.freeze_backbone:  # linear probing: only the classifier is updated
+        tx = finetune.freeze_backbone(tx)
+    return model, tx, schedule
+
+
+def state_initializer(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, model: Any, tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
+    """`init(rng)`: a fresh state with the parts the config asks for (EMA, float16's loss scale)."""
+    return functools.partial(
+        init_state,
+        model,
+        tx,
+        info.image_shape,
+        ema=config.ema_decay > 0,
+        loss_scale=config.loss_scale_init if config.dtype == "float16" else 0.0,
+    )
+
+
+def abstract_state(config: ml_collections.ConfigDict, info: data.DatasetInfo, platform: str) -> TrainState:
+    """The shapes and dtypes of the config's train state, without computing it."""
+    model, tx, _ = model_and_optimizer(config, info, platform)
+    return jax.eval_shape(state_initializer(config, info, model, tx), rng_key(config.seed))
+
+
+def keys_behind_layout(
+    saved: dict[str, Any],
+    saved_layout: checkpoint.Layout,
+    config: ml_collections.ConfigDict,
+    steps: CompiledSteps,
+) -> list[str]:
+    """The changed config keys that, set back to their saved values, give the saved state's layout:
+    each alone if one does, else all of them together if that does, else none."""
+
+    def layout_with(keys: list[str]) -> checkpoint.Layout | None:
+        candidate = ml_collections.ConfigDict({**config.to_dict(), **{k: saved[k] for k in keys}})
+        try:
+            return checkpoint.leaf_layout(abstract_state(candidate, steps.info, steps.platform))
+        except Exception:  # a saved value this code no longer accepts
+            return None
+
+    changed = checkpoint.changed_keys(saved, config)
+    alone = [key for key in changed if layout_with([key]) == saved_layout]
+    if alone or not changed:
+        return alone
+    return changed if layout_with(changed) == saved_layout else []
 
 
 class CompiledSteps:
@@ -63,30 +130,13 @@ class CompiledSteps:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.eval_batch_size = inference.eval_batch_size(config, mesh)
-        self.steps_per_epoch = max(1, info.num_train // config.batch_size)
-        self.total_steps = (
-            config.num_train_steps
-            if config.num_train_steps > 0
-            else int(config.num_epochs * self.steps_per_epoch)
-        )
-        self.model = models.create_model(config, info.num_classes, mesh.devices.flat[0].platform)
-        self.tx, self.schedule = optim.create(config, self.steps_per_epoch, self.total_steps)
-        if config.freeze_backbone:  # linear probing: only the classifier is updated
-            self.tx = finetune.freeze_backbone(self.tx)
+        self.steps_per_epoch, self.total_steps = run_length(config, info)
+        self.platform = mesh.devices.flat[0].platform
+        self.model, self.tx, self.schedule = model_and_optimizer(config, info, self.platform)
 
         replicated, self.batch_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
         self.loss_scaling = config.dtype == "float16"
-        self.init = jax.jit(
-            functools.partial(
-                init_state,
-                self.model,
-                self.tx,
-                info.image_shape,
-                ema=config.ema_decay > 0,
-                loss_scale=config.loss_scale_init if self.loss_scaling else 0.0,
-            ),
-            out_shardings=replicated,
-        )
+        self.init = jax.jit(state_initializer(config, info, self.model, self.tx), out_shardings=replicated)
         self.train_step = jax.jit(
             functools.partial(
                 train_step,
@@ -127,17 +177,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Returns the final state; on SIGTERM/SIGINT it saves, logs `preempted at step S, checkpoint
     saved` and returns the state of that step.
     """
-    config = check_config(config, workdir)
-    mesh = parallel.create_mesh()
-    dataset = load_dataset(config)
-    steps = CompiledSteps(config, dataset.info, mesh)
+    fresh = not os.path.exists(workdir)
+    config = check_config(config, workdir)  # creates the workdir
+    try:
+        mesh = parallel.create_mesh()
+        dataset = load_dataset(config)
+        steps = CompiledSteps(config, dataset.info, mesh)
+    except UserError:
+        if fresh:  # a refused run leaves no empty workdir behind
+            with contextlib.suppress(OSError):
+                os.rmdir(workdir)
+        raise
     log_plan(config, steps, dataset.info, mesh)
     batches = device_batches(steps, dataset)
     if parallel.is_primary():
         data.write_class_names(dataset.info, workdir)
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    dog = watchdog.Watchdog(watchdog.Bounds(config.watchdog_seconds, config.watchdog_compile_seconds))
+    with dog, peers.PeerMonitor():
+        return run_loop(steps, dataset, batches, checkpoints, dog, workdir)
+
+
+def run_loop(
+    steps: CompiledSteps,
+    dataset: data.Dataset,
+    batches: prefetch.DevicePrefetch,
+    checkpoints: checkpoint.Checkpoints,
+    dog: watchdog.Watchdog,
+    workdir: str,
+) -> TrainState:
+    """Restore or initialise, then train, log, evaluate and save; every unit of work is reported to
+    `dog`, which ends the process when none completes in time."""
+    config = steps.config
     t0 = time.perf_counter()
-    state, start_step = restore_or_init(steps, checkpoints, batches)
+    with dog.long_operation("restoring or initialising the state"):
+        state, start_step = restore_or_init(steps, checkpoints, batches)
     log(f"{models.param_count(state.params):,} parameters, ready in {time.perf_counter() - t0:.1f}s")
     if parallel.is_primary():
         overview_path, total_line = writers.write_parameter_overview(state.params, workdir)
@@ -164,32 +238,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # float16 overflows are expected: loss scaling skips those steps and adapts instead of stopping.
     guard = loop.NonFiniteGuard(enabled=not (config.skip_nonfinite_steps or steps.loss_scaling))
     skipped = loop.SkippedImages(loop.Cadence.from_config(0, steps_per_epoch, total))
+    evaluated = False
 
     def save(step: int, eval_scalars: dict[str, float] | None) -> None:
         guard.check(checkpoints)
-        checkpoints.save(
-            step,
-            state,
-            config=config,
-            dataset_info=dataset.info,
-            data_iterator=batches,
-            eval_metrics=eval_scalars,
-        )
+        with dog.long_operation(f"saving the checkpoint of step {step}"):
+            checkpoints.save(
+                step,
+                state,
+                config=config,
+                dataset_info=dataset.info,
+                data_iterator=batches,
+                eval_metrics=eval_scalars,
+            )
 
+    peer_lost = None
     try:
         with checkpoint.PreemptionWatcher() as preemption:
             for step in range(start_step + 1, total + 1):
                 skipped_images, batch = next(batches)
                 skipped.add(skipped_images)
                 profiler.before_step(step)
-                state, step_metrics = steps.train_step(state, batch)
+                first = step == start_step + 1
+                with dog.long_operation("compiling the train step") if first else contextlib.nullcontext():
+                    state, step_metrics = steps.train_step(state, batch)
+                    if first:
+                        jax.block_until_ready(state)
+                dog.track(f"train step {step}", step_metrics)
                 bar.step(step)
-                if profiler.after_step(step, state):
+                if profiler.finishes(step):
+                    with dog.long_operation("writing the profile"):
+                        profiler.after_step(step, state)
                     log(f"profile of steps {profiler.start}-{step} written to {profiler.directory}")
                 window.add(step_metrics)
                 guard.add(step, step_metrics)
-                if step == start_step + 1:
-                    jax.block_until_ready(state)
+                if first:
                     log(f"step {step} done: compile + first step {window.restart_clock():.1f}s")
                 last = step == total
                 if count := skipped.take(step):
@@ -203,9 +286,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if eval_cadence.due(step):
                     eval_start = time.perf_counter()
                     bar.pause()
-                    eval_scalars = evaluate_and_log(steps, dataset, state, step, last)
-                    writer.write_scalars(step, eval_scalars)
-                    write_eval_images(state, step)
+                    with (
+                        dog.long_operation("the first evaluation")
+                        if not evaluated
+                        else contextlib.nullcontext()
+                    ):
+                        eval_scalars = evaluate_and_log(steps, dataset, state, step, last, dog)
+                        writer.write_scalars(step, eval_scalars)
+                        write_eval_images(state, step)
+                    evaluated = True
                     bar.resume()
                     window.exclude(time.perf_counter() - eval_start)
                 if save_cadence.due(step):
@@ -215,15 +304,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     checkpoints.wait()
                     log(f"preempted at step {step}, checkpoint saved")
                     break
+    except jax.errors.JaxRuntimeError as e:
+        peer_lost = peers.lost_peer(e)
+        if peer_lost is None:
+            raise
+        raise peer_lost from None
     finally:
-        checkpoints.close()  # finish in-flight saves, also when the run stops on an error
+        if peer_lost is None:  # a save in flight when a peer died can never complete
+            with dog.long_operation("finishing the checkpoint writes"):
+                checkpoints.close()  # finish in-flight saves, also when the run stops on an error
         bar.close()
         profiler.stop()
         writer.close()
         batches.close()  # stops grain's worker processes and frees their shared memory
     if start_step >= total:
         log(f"already trained to step {start_step} of {total}")
-        evaluate_and_log(steps, dataset, state, start_step, True)
+        with dog.long_operation("the first evaluation"):
+            evaluate_and_log(steps, dataset, state, start_step, True, dog)
     return state
 
 
@@ -270,7 +367,12 @@ def restore_or_init(
     config = steps.config
     key = rng_key(config.seed)
     abstract = checkpoint.with_sharding(jax.eval_shape(steps.init, key), parallel.replicated(steps.mesh))
-    restored = checkpoints.restore_latest(abstract, batches, config)
+    restored = checkpoints.restore_latest(
+        abstract,
+        batches,
+        config,
+        explain_layout=lambda saved, layout: keys_behind_layout(saved, layout, config, steps),
+    )
     if restored is None:
         state = steps.init(key)
         if config.init_from:  # fine-tuning; a checkpoint of this workdir takes precedence
@@ -281,15 +383,53 @@ def restore_or_init(
     log(f"resumed from the checkpoint of step {step} in {checkpoints.directory}")
     for change in changes:
         log(f"  config changed since that checkpoint: {change}")
+    if line := schedule_change(items["config"], config, steps.info, step):
+        log(f"  {line}")
     return items["state"], step
 
 
+def schedule_change(
+    saved: dict[str, Any], config: ml_collections.ConfigDict, info: data.DatasetInfo, step: int
+) -> str | None:
+    """One line when the resumed run's learning-rate schedule differs from the saved run's at `step`:
+    the keys that changed it, the rate before and after, and the new length (a finished run that is
+    extended does not go on from its last rate; its schedule is stretched over the new length)."""
+
+    def rate(cfg: ml_collections.ConfigDict) -> tuple[float, int]:
+        steps_per_epoch, total = run_length(cfg, info)
+        return float(optim.create_schedule(cfg, steps_per_epoch, total)(step)), total
+
+    try:
+        before = complete_config(ml_collections.ConfigDict(saved))
+        (old, old_total), (new, new_total) = rate(before), rate(config)
+    except Exception:  # a saved config this code no longer reads
+        return None
+    if np.isclose(old, new, rtol=1e-6, atol=0.0) and old_total == new_total:
+        return None
+    causes = []
+    for key in checkpoint.changed_keys(saved, config):
+        with contextlib.suppress(Exception):
+            reverted = complete_config(ml_collections.ConfigDict({**config.to_dict(), key: saved[key]}))
+            if rate(reverted) != rate(config):
+                causes.append(f"{key} {saved[key]!r} -> {config[key]!r}")
+    return (
+        f"the learning-rate schedule changed ({', '.join(causes) or 'config'}): it now spans {new_total} "
+        f"steps instead of {old_total}, and the rate at step {step} is {new:.4g} instead of {old:.4g}"
+    )
+
+
 def evaluate_and_log(
-    steps: CompiledSteps, dataset: data.Dataset, state: TrainState, step: int, final: bool
+    steps: CompiledSteps,
+    dataset: data.Dataset,
+    state: TrainState,
+    step: int,
+    final: bool,
+    dog: watchdog.Watchdog | None = None,
 ) -> dict[str, float]:
     start = time.perf_counter()
+    track = (lambda i, outputs: dog.track(f"eval batch {i} at step {step}", outputs)) if dog else None
     result = inference.evaluate(
-        steps.eval_step, state, dataset, batch_size=steps.eval_batch_size, mesh=steps.mesh
+        steps.eval_step, state, dataset, batch_size=steps.eval_batch_size, mesh=steps.mesh, track=track
     )
     scalars = metrics.summarize(result, "eval")
     count = int(result.accuracy.count)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,12 +59,42 @@ def make_digits_config():
     return digits_config
 
 
-def run_script(*args, env=None, timeout=600):
+def run_script(*args, env=None, timeout=600, cwd=ROOT):
     """Run a repository script in a fresh interpreter, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a two-process run's coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_processes(command, *flags, per_process=lambda i: []):
+    """`command` (a script and its leading arguments) as two local processes of one run, with two
+    virtual CPU devices each and output captured: a small multi-host cluster."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "XLA_FLAGS": xla_flags_with("--xla_force_host_platform_device_count=2"),
+    }
+    return [
+        subprocess.Popen(
+            [sys.executable, *command, *flags, *per_process(i)]
+            + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -101,3 +132,12 @@ def fixed_digits_batch(size=64, image_size=8):
         "label": np.array([e["label"] for e in examples]),
     }
     return dataset.info, batch
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` can be imported, without importing it. `importlib.util.find_spec("a.b")` imports
+    `a` and raises ModuleNotFoundError when `a` is missing (jax_plugins, without the preflight extra)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False

@@ -21,7 +21,7 @@ import pytest
 
 from resnet_jax import models
 from resnet_jax.step import cross_entropy, normalize
-from tests.conftest import ROOT, fixed_digits_batch, run_script
+from tests.conftest import ROOT, fixed_digits_batch, module_available, run_script
 
 
 @pytest.mark.slow
@@ -129,7 +129,7 @@ def test_a_budget_too_small_skips_parts_and_says_why(tmp_path):
 
 
 @pytest.mark.skipif(
-    not importlib.util.find_spec("jax_plugins.xla_cuda12"), reason="needs the preflight extra (CUDA plugin)"
+    not module_available("jax_plugins.xla_cuda12"), reason="needs the preflight extra (CUDA plugin)"
 )
 def test_the_check_compares_the_preflight_with_the_device(tmp_path):
     """On an H200 the check compiles the headline row for `h200x1` on the CPU and puts the prediction

@@ -162,6 +162,29 @@ def test_predict_on_image_files_matches_the_final_eval(trained_run, tmp_path):
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-6
 
 
+def test_predict_skips_unreadable_inputs_searches_folders_and_fails_only_on_nothing(trained_run, tmp_path):
+    eval_split = data.load_digits(8).eval_source
+    (tmp_path / "folder" / "nested").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(eval_split.images[i][..., 0]).save(tmp_path / "folder" / "nested" / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    inputs = [str(tmp_path / name) for name in ("folder", "notes.txt", "broken.png", "missing.jpg")]
+    result = run_script("-m", "resnet_jax.predict", f"--workdir={trained_run}", "--json", *inputs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p["image"] for p in json.loads(result.stdout)] == [
+        str(tmp_path / "folder" / "nested" / f"{i}.png") for i in range(3)
+    ]
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 4 and warnings[-1] == "warning: 3 input(s) skipped; classifying 3 image(s)"
+    assert all(w.startswith("warning: skipped ") for w in warnings[:3]) and "missing.jpg" in warnings[0]
+    nothing = run_script("-m", "resnet_jax.predict", f"--workdir={trained_run}", *inputs[1:])
+    assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
+    assert nothing.stderr.strip().splitlines()[-1] == (
+        "error: none of the 3 input(s) holds a readable image; nothing to classify"
+    )
+
+
 # ---------------------------------------------------------------- the manager on small states
 
 INFO = data.DatasetInfo("toy", 2, (4, 4, 1), (0.0,), (1.0,), ("a", "b"), 10, 10)

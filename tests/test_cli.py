@@ -2,11 +2,13 @@
 
 import importlib
 import json
+import subprocess
+import sys
 
 import ml_collections
 import pytest
 
-from tests.conftest import digits_config, run_script
+from tests.conftest import ROOT, digits_config, run_script
 
 
 @pytest.mark.slow
@@ -36,6 +38,8 @@ BAD_VALUES = [
     ("--config.batch_size=0", "config.batch_size=0", "positive"),
     ("--config.batch_size=-8", "config.batch_size=-8", "positive"),
     ("--config.lr_schedule=wavy", "config.lr_schedule='wavy'", "cosine"),
+    ("--config.learnng_rate=0.1", "no config key 'learnng_rate'", "did you mean 'learning_rate'"),
+    ("--config.batch_size=big", "--config.batch_size=big", "int"),
 ]
 
 
@@ -48,6 +52,15 @@ def test_bad_config_values_exit_with_one_clear_message(tmp_path, flag, names, va
     assert len(error_lines) == 1, result.stderr[-2000:]
     assert names in error_lines[0] and valid in error_lines[0]
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before training started
+
+
+@pytest.mark.parametrize("script", ["train.py", "benchmark.py"])
+def test_a_missing_config_file_is_one_line_with_the_nearest_file(tmp_path, script):
+    result = run_script(script, "--config", "configs/digit.py", "--workdir", str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: config file 'configs/digit.py' does not exist; did you mean configs/digits.py?"
+    ]
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
@@ -69,7 +82,8 @@ def test_every_tool_has_help_and_turns_a_bad_flag_into_one_error_line(tool, caps
     with pytest.raises(SystemExit) as exit_help:
         main(["--help"])
     assert exit_help.value.code == 0
-    shown = capsys.readouterr().out
+    shown, warned = capsys.readouterr()
+    assert warned == ""
     assert f"usage: python -m resnet_jax.{tool} [flags]" in shown and "--" in shown
     with pytest.raises(SystemExit) as exit_bad:
         main(["--no_such_flag=1"])
@@ -78,6 +92,44 @@ def test_every_tool_has_help_and_turns_a_bad_flag_into_one_error_line(tool, caps
     assert errors == [
         f"error: Unknown command line flag 'no_such_flag' (see python -m resnet_jax.{tool} --help)"
     ]
+
+
+@pytest.mark.parametrize("script", [["train.py"], ["benchmark.py"], ["-m", "resnet_jax.preflight"]])
+def test_scripts_print_help_and_exit_0(script):
+    result = run_script(*script, "--help")
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout.startswith(("Train and evaluate", "Measure the train", "Compile the real"))
+    assert "--config:" in result.stdout
+
+
+def test_a_closed_pipe_ends_a_tool_quietly():
+    result = subprocess.run(
+        f"{sys.executable} -m resnet_jax.models --no_flops | head -n 1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.stdout.startswith("model") and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+def test_evaluate_pointed_at_the_checkpoints_folder_says_which_folder_to_give(tmp_path):
+    from resnet_jax import checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match=f"did you mean {tmp_path}\\?"):
+        checkpoint.Checkpoints(str(tmp_path / "checkpoints"), read_only=True).resolve("latest")
+
+
+def test_a_refused_run_leaves_no_empty_workdir(tmp_path):
+    from resnet_jax import errors, train
+
+    with pytest.raises(errors.UserError):
+        train.train_and_evaluate(
+            digits_config(dataset=f"folder:{tmp_path / 'no_such_folder'}"), str(tmp_path / "w")
+        )
+    assert not (tmp_path / "w").exists()
 
 
 def test_train_and_benchmark_share_one_definition_of_the_multi_host_flags():
@@ -91,7 +143,7 @@ def test_train_and_benchmark_share_one_definition_of_the_multi_host_flags():
 
 
 def test_errors_have_the_type_of_their_cause(tmp_path):
-    from resnet_jax import convert, data, errors, inference, predict
+    from resnet_jax import cli, convert, data, errors, predict
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     info = data.load(digits_config()).info
@@ -99,8 +151,8 @@ def test_errors_have_the_type_of_their_cause(tmp_path):
         predict.read_images([str(tmp_path / "broken.png")], info)
     config = ml_collections.ConfigDict({"learning_rate": 0.1, "model": "resnet20"})
     with pytest.raises(errors.ConfigError, match="did you mean 'learning_rate'"):
-        inference.apply_overrides(config, ["--config.learnng_rate=0.2"])
-    with pytest.raises(errors.ConfigError, match="config.learning_rate takes a float"):
-        inference.apply_overrides(config, ["--config.learning_rate=fast"])
+        cli.apply_config_overrides(config, ["--config.learnng_rate=0.2"])
+    with pytest.raises(errors.ConfigError, match="config.learning_rate takes a number"):
+        cli.apply_config_overrides(config, ["--config.learning_rate=fast"])
     with pytest.raises(errors.ConfigError, match="does not exist"):
         convert.load_config(tmp_path / "missing.py")

@@ -1,17 +1,71 @@
 """One source of defaults: every config is completed from `resnet_jax/defaults.py`, and a key that is
 not there is an error, from Python and from the command line."""
 
+import importlib
+
 import ml_collections
 import pytest
 
 from configs import default
-from resnet_jax import defaults
+from resnet_jax import defaults, optim
 from resnet_jax.config_checks import ConfigError, check_config, complete_config
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 
 
-def test_configs_default_is_the_package_defaults():
-    assert default.get_config().to_dict() == defaults.get_config().to_dict()
+def test_configs_default_is_resnet50_on_imagenet_with_the_goyal_recipe():
+    """configs/default.py, and so every key's default, is what resnet_jax/defaults.py and the README
+    say: ResNet-50 on ImageNet at 224 px with Goyal et al.'s (2017) SGD recipe: batch 256, Nesterov
+    momentum 0.9, lr 0.1 per 256 images after a 5-epoch linear warmup from 0, weight decay 1e-4
+    (coupled) on the kernels only, zero-initialised residual branches, 90 epochs; float32 and none of
+    the later recipes' regularisers."""
+    config = check_config(default.get_config())
+    recipe = {
+        "model": "resnet50",
+        "dataset": "tfds:imagenet2012",
+        "image_size": 224,
+        "batch_size": 256,
+        "grad_accum_steps": 1,
+        "bn_group_size": 0,
+        "num_epochs": 90.0,
+        "num_train_steps": -1,
+        "optimizer": "nesterov",
+        "momentum": 0.9,
+        "weight_decay_mask": "kernels",
+        "warmup_epochs": 5.0,
+        "warmup_style": "linear",
+        "warmup_factor": 0.0,
+        "lr_step_epochs": (30, 60, 80),  # Goyal's steps, for lr_schedule='step'
+        "zero_init_residual": True,
+        "dtype": "float32",
+        "loss": "softmax",
+        "label_smoothing": 0.0,
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
+        "auto_augment": "none",
+        "random_erase_prob": 0.0,
+        "repeated_aug": 1,
+        "ema_decay": 0.0,
+        "drop_path_rate": 0.0,
+        "dropout_rate": 0.0,
+    }
+    assert {key: config[key] for key in recipe} == recipe
+    assert optim.learning_rate(config) == 0.1 and optim.weight_decay(config) == 1e-4
+    assert optim.weight_decay_mode(config) == "coupled"
+    # The schedule at ImageNet's size: 0 at the start, the peak after the warmup, 0 at the end.
+    steps_per_epoch = 1_281_167 // config.batch_size
+    schedule = optim.create_schedule(config, steps_per_epoch, 90 * steps_per_epoch)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5 * steps_per_epoch)) == pytest.approx(0.1)
+    assert float(schedule(90 * steps_per_epoch)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("[!_]*.py")))
+def test_every_config_file_sets_only_known_keys_and_passes_the_checks(name):
+    """A config file that sets a key the defaults lack, or a value the checks refuse, fails here
+    before anyone passes it to train.py (a new file in configs/ is picked up by the glob)."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert set(config) <= set(defaults.get_config()), set(config) - set(defaults.get_config())
+    check_config(config)
 
 
 def test_a_config_built_from_scratch_takes_every_other_key_from_the_defaults():

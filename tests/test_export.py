@@ -5,10 +5,10 @@ The ONNX tests need the `.[onnx]` extra; CI installs it after the main suite and
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import jax
@@ -226,7 +226,7 @@ def test_export_command_writes_stablehlo_that_matches_predict(digits_run):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"stablehlo written to {out}" in result.stdout
-    meta = json.loads((workdir / "model.json").read_text())
+    meta = json.loads((workdir / "model.jax_exported.json").read_text())
     assert meta["input"] == {
         "name": "images",
         "dtype": "uint8",
@@ -246,7 +246,7 @@ def test_export_command_writes_onnx_that_matches_predict(digits_run):
     pytest.importorskip("jax2onnx", reason="the ONNX tests need pip install -e '.[onnx]'")
     workdir, paths, dtype = digits_run
     out, meta_path = export.export_checkpoint(str(workdir), "onnx")
-    assert out.endswith("export/resnet20_step44.onnx") and os.path.exists(meta_path)
+    assert out.endswith("export/resnet20_step44.onnx") and meta_path == out + ".json"
     meta = json.loads(Path(meta_path).read_text())
     assert meta["compute_dtype"] == "float32"
     session = onnx_session(Path(out).read_bytes())
@@ -270,7 +270,7 @@ def test_a_stablehlo_artifact_loads_with_jax_alone(digits_run, tmp_path):
     """The artifact is self-contained: no resnet_jax (nor flax) in the process that serves it."""
     workdir, paths, _ = digits_run
     out, _ = export.export_checkpoint(str(workdir), "stablehlo", out=str(tmp_path / "m.jax_exported"))
-    x = preprocessed(paths, json.loads((tmp_path / "m.json").read_text()))
+    x = preprocessed(paths, json.loads((tmp_path / "m.jax_exported.json").read_text()))
     np.save(tmp_path / "x.npy", x)
     script = textwrap.dedent(
         f"""
@@ -299,3 +299,23 @@ def test_export_errors_are_one_line(tmp_path):
     result = run_script("-m", "resnet_jax.export", "--workdir", str(tmp_path), "--format", "tflite")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "tflite" in result.stderr and "stablehlo" in result.stderr
+
+
+def test_each_format_writes_its_own_metadata_file(tmp_path, monkeypatch):
+    """Exporting ONNX must not overwrite the StableHLO artifact's metadata (and the other way round)."""
+    trained = types.SimpleNamespace(info=types.SimpleNamespace(num_classes=10, image_shape=(12, 12, 1)))
+    trained.config, trained.step = types.SimpleNamespace(model="resnet20"), 7
+    monkeypatch.setattr(export, "load_trained", lambda workdir, which: trained)
+    monkeypatch.setattr(export, "to_stablehlo", lambda trained, outputs: b"stablehlo")
+    monkeypatch.setattr(export, "to_onnx", lambda trained, outputs: b"onnx")
+    monkeypatch.setattr(export, "metadata", lambda trained, fmt, outputs: {"format": fmt})
+    written = {fmt: export.export_checkpoint(str(tmp_path), fmt) for fmt in ("stablehlo", "onnx")}
+    for fmt, (out, meta_path) in written.items():
+        assert meta_path == out + ".json"
+        assert json.loads(Path(meta_path).read_text()) == {"format": fmt}
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "resnet20_step7.jax_exported",
+        "resnet20_step7.jax_exported.json",
+        "resnet20_step7.onnx",
+        "resnet20_step7.onnx.json",
+    ]

@@ -9,7 +9,6 @@ from the same state, so the generator does not matter).
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import types
@@ -25,7 +24,7 @@ import pytest
 from resnet_jax import data, models, parallel, train
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.step import init_state, join_micro_batches, split_micro_batches, train_step
-from tests.conftest import ROOT, digits_config, run_script, xla_flags_with
+from tests.conftest import ROOT, digits_config, free_port, run_script, xla_flags_with
 
 
 def virtual_devices(count):
@@ -235,7 +234,7 @@ def test_trainer_rejects_a_batch_that_does_not_split_into_micro_batches():
     "key,value,message",
     [
         ("grad_accum_steps", 0, "config.grad_accum_steps=0 must be a positive integer"),
-        ("bn_group_size", -2, "config.bn_group_size=-2 must be a positive integer"),
+        ("bn_group_size", -2, "config.bn_group_size=-2 must be 0 (the whole batch) or a positive integer"),
         ("activation", "gelu", "config.activation='gelu' is not valid; choose one of: relu, tanh, sigmoid"),
     ],
 )
@@ -275,17 +274,15 @@ def test_a_slurm_job_of_several_tasks_initializes_from_its_environment(monkeypat
     for key, value in (slurm | {"SLURM_LOCALID": "0"}).items():
         monkeypatch.setenv(key, value)
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append((args, kwargs)))
     assert parallel.cluster_process_count() == 2
     assert parallel.initialize_distributed() is True
-    assert calls == [(None, None, None)]  # JAX reads the rest from SLURM's variables
+    timeouts = {
+        "heartbeat_timeout_seconds": parallel.HEARTBEAT_TIMEOUT_SECONDS,
+        "shutdown_timeout_seconds": parallel.SHUTDOWN_TIMEOUT_SECONDS,
+    }
+    assert calls == [((None, None, None), timeouts)]  # JAX reads the rest from SLURM's variables
     assert parallel.initialize_distributed(distributed=False) is False and len(calls) == 1
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def saved_state(workdir, step):
@@ -377,3 +374,15 @@ def test_train_py_rejects_half_given_distributed_flags(tmp_path):
     )
     assert result.returncode != 0
     assert "--coordinator_address, --num_processes and --process_id go together" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_starts_on_a_cold_and_a_warm_cache_finish(tmp_path):
+    # The stress script of docs/scaling.md ("Two-process hangs") at N = 2; the closing figures use N >= 30.
+    result = run_script(
+        "benchmarks/multiprocess_stress.py", "--starts=2", "--steps=12", "--timeout=240", f"--out={tmp_path}"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "start 1/2 cold cache: ok" in result.stdout and "start 2/2 warm cache: ok" in result.stdout
+    assert "2 starts: 2 ok, 0 hung, 0 failed" in result.stdout
+    assert "final eval at step 12" in (tmp_path / "start001.process0.log").read_text()

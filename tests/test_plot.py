@@ -31,6 +31,11 @@ def test_plot_command_writes_a_png_of_two_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.read_bytes().startswith(PNG_SIGNATURE) and out.stat().st_size > 10_000
     assert f"wrote {out}" in result.stdout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    default = run_script("-m", "resnet_jax.plot", str(a), str(b), cwd=elsewhere)
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert (a / "curves.png").exists() and not list(elsewhere.iterdir())  # not into the cwd
 
 
 def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path):

@@ -5,12 +5,12 @@ import json
 import re
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, module_available, run_script
 
 from resnet_jax import preflight, targets
 
 needs_extra = pytest.mark.skipif(
-    not (importlib.util.find_spec("libtpu") and importlib.util.find_spec("jax_plugins.xla_cuda12")),
+    not (module_available("libtpu") and module_available("jax_plugins.xla_cuda12")),
     reason="the preflight extra is not installed: pip install -e '.[preflight]'",
 )
 # resnet20 at 8 px: the smallest registry model, so a compile takes seconds.
@@ -151,8 +151,13 @@ def test_a_missing_extra_is_one_clear_line(monkeypatch):
         preflight.PreflightError, match=r"v5e-8, v4-8 need libtpu.*pip install -e '\.\[preflight\]'"
     ):
         preflight.check_extras([targets.target("v5e-8"), targets.target("v4-8")])
-    with pytest.raises(preflight.PreflightError, match="h100x8 need the JAX CUDA plugin"):
+    with pytest.raises(preflight.PreflightError, match="h100x8 needs the JAX CUDA plugin, which is not"):
         preflight.check_extras([targets.target("h100x8")])
+    with pytest.raises(
+        preflight.PreflightError,
+        match="h100x1 needs the JAX CUDA plugin and v5e-8 needs libtpu, which are not installed",
+    ):
+        preflight.check_extras([targets.target("v5e-8"), targets.target("h100x1")])
 
 
 def test_a_batch_that_does_not_divide_is_refused_before_compiling():

@@ -238,7 +238,7 @@ def test_a_recipe_run_with_every_trick_resumes(tmp_path):
     resumed = train.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 8
     config.ema_decay = 0.0
-    with pytest.raises(checkpoint.CheckpointError, match="ema_decay was 0.5 and is now 0.0"):
+    with pytest.raises(checkpoint.CheckpointError, match="config.ema_decay changed from 0.5 to 0.0"):
         train.train_and_evaluate(config, workdir)
 
 
