@@ -64,13 +64,23 @@ def dump_stacks(processes: list[subprocess.Popen], log: str) -> None:
             p.send_signal(signal.SIGUSR1)
     time.sleep(2)
     gdb = shutil.which("gdb")
+    if not gdb:
+        return
+    # Both at once: a process stopped by gdb for long looks dead to its peer, which would then exit.
+    live = [(i, p) for i, p in enumerate(processes) if p.poll() is None]
+    dumps = [
+        subprocess.Popen(
+            [gdb, "-p", str(p.pid), "-batch", "-ex", "thread apply all bt 30"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _, p in live
+    ]
     with open(log, "a") as f:
-        for i, p in enumerate(processes):
-            if gdb and p.poll() is None:
-                f.write(f"\n==== native stacks (gdb), process {i} (pid {p.pid})\n")
-                f.flush()
-                command = [gdb, "-p", str(p.pid), "-batch", "-ex", "thread apply all bt 30"]
-                subprocess.run(command, stdout=f, stderr=subprocess.DEVNULL, timeout=120)
+        for (i, p), dump in zip(live, dumps, strict=True):
+            stacks, _ = dump.communicate(timeout=120)
+            f.write(f"\n==== native stacks (gdb), process {i} (pid {p.pid})\n{stacks}")
 
 
 def one_start(index: int, cache: str, args: argparse.Namespace) -> tuple[str, float, str]:

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from resnet_jax import progress
-from resnet_jax.errors import UserError
+from resnet_jax.errors import UserError, first_line
 
 # Changing any of these makes a checkpoint another run's (other parameter tree, data or data order),
 # whatever the state's layout. Other keys that change the layout (clipping, EMA, float16's loss
@@ -193,7 +193,11 @@ class Checkpoints:
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
 
     def saved_layout(self, step: int) -> Layout:
-        return leaf_layout(self.manager.item_metadata(step)["state"])
+        """The saved state's layout; raises when its metadata is missing (a broken checkpoint)."""
+        layout = leaf_layout(self.manager.item_metadata(step)["state"])
+        if not layout:
+            raise ValueError(f"the state's metadata is missing from {self.directory}/{step}/state")
+        return layout
 
     def restore_latest(
         self,
@@ -231,7 +235,7 @@ class Checkpoints:
     def _report_broken(self, step: int, error: Exception) -> None:
         aside = self._move_aside(step)
         progress.warn(
-            f"checkpoint of step {step} is broken ({type(error).__name__}: {str(error)[:200]}); "
+            f"checkpoint of step {step} is broken ({type(error).__name__}: {first_line(str(error))}); "
             f"moved to {aside}, falling back to the previous one"
         )
 
@@ -287,6 +291,13 @@ def layout_difference(saved: Layout, target: Layout) -> str:
     return ", ".join(parts[:4]) + (f" and {len(parts) - 4} more" if len(parts) > 4 else "")
 
 
+def override_flag(key: str, value: Any) -> str:
+    """`--config.KEY=VALUE` as a shell takes it (a tuple quoted; None as config files write it)."""
+    if isinstance(value, list | tuple):
+        return f"'--config.{key}={tuple(value)}'"
+    return f"--config.{key}={value}"
+
+
 def layout_error(
     step: int, workdir: str, difference: str, keys: list[str], saved: dict[str, Any], config: Any
 ) -> CheckpointError:
@@ -294,7 +305,7 @@ def layout_error(
     if keys:
         changes = " and ".join(f"config.{k} changed from {saved[k]!r} to {current[k]!r}" for k in keys)
         cause = f"because {changes}"
-        flags = " ".join(f"--config.{k}={saved[k]}" for k in keys)
+        flags = " ".join(override_flag(k, saved[k]) for k in keys)
         way_back = f"set {'it' if len(keys) == 1 else 'them'} back ({flags}), "
     else:
         cause = "which no single config change explains (was the code updated since?)"

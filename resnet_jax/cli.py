@@ -9,9 +9,11 @@ also one `error:` line, with status 2.
 
 from __future__ import annotations
 
+import copy
 import faulthandler
 import glob
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -21,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from resnet_jax import defaults, parallel, peers
-from resnet_jax.errors import ConfigError, UserError, closest, did_you_mean
+from resnet_jax.errors import ConfigError, UserError, closest, did_you_mean, first_line
 
 USER_ERROR_STATUS = 2
 
@@ -144,6 +146,7 @@ def apply_config_overrides(
         key = override_key(item)
         if not item.startswith("--config.") or key not in config:
             raise ConfigError(unknown_key_message(item, config))
+    config = copy.deepcopy(config)  # a failed override leaves the caller's config as it was
     argv = ["resnet_jax", *overrides]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
@@ -201,25 +204,38 @@ def absl_flags_parser(doc: str) -> Callable[[list[str]], list[str]]:
                 fail(str(e))
         try:
             return flags.FLAGS(argv)
-        except AttributeError:  # ml_collections: a --config.KEY that the config does not have
+        except AttributeError as e:  # ml_collections: a --config.KEY that the config does not have
             keys = defaults.get_config()  # every config completes from these (config_checks)
-            item = next((a for a in argv if a.startswith("--config.") and override_key(a) not in keys), "")
+            item = next((a for a in argv if a.startswith("--config.") and override_key(a) not in keys), None)
+            if item is None:  # raised inside the config file's get_config()
+                fail(f"config file {path}: AttributeError: {first_line(str(e))}")
             fail(unknown_key_message(item, keys))
         except flags.Error as e:
-            fail(f"{e} (see {prog} --help)")
+            text = str(e)
+            if "parsing config file" in text:  # ml_collections wraps the config file's traceback
+                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+                fail(f"config file {path}: {(raised or lines)[-1][:300]}")
+            fail(f"{first_line(text)} (see {prog} --help)")
+        except Exception as e:  # raised by the config file itself (a SyntaxError, a ValueError, ...)
+            fail(f"config file {path}: {type(e).__name__}: {first_line(str(e))}")
 
     return parse
 
 
-def run(work: Callable[[], int | None]) -> int:
+def run(work: Callable[[], int | None], *, listing: bool = False) -> int:
     """`work()`'s exit status (None: 0), or 2 after printing a `UserError` as one line.
 
     A lost peer process (`peers.PeerLostError`) is one line too, and ends this process at once with
-    `peers.PEER_LOST_STATUS`.
+    `peers.PEER_LOST_STATUS`. `listing` tools (tables on stdout) end quietly when the reader of their
+    output goes away (`| head`).
     """
     try:
         return work() or 0
-    except BrokenPipeError:  # `python -m resnet_jax.models | head` closed the pipe: not an error
+    except BrokenPipeError:
+        if not listing:  # a training whose output pipe closed did not succeed
+            raise
+        # `python -m resnet_jax.models | head`: the reader has seen enough; not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except UserError as e:

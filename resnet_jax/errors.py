@@ -24,6 +24,12 @@ class ImageError(UserError, ValueError):
     """An image file that cannot be read or decoded."""
 
 
+def first_line(text: str, limit: int = 300) -> str:
+    """The first line of an error's text, for a one-line message that quotes it."""
+    lines = text.strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
 def closest(value: Any, choices: Iterable[Any]) -> str | None:
     """The choice that `value` was probably meant to be (a typo away), or None."""
     names = [str(choice) for choice in choices]

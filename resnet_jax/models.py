@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<20} {size:>5} {count_params(module, size) / 1e6:>11.2f}M {flops:>8}", flush=True)
         print(f"{len(selected)} models in {time.perf_counter() - start:.0f}s", file=sys.stderr)
 
-    return cli.run(work)
+    return cli.run(work, listing=True)
 
 
 if __name__ == "__main__":

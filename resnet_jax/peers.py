@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from resnet_jax.errors import first_line
+
 PEER_TIMEOUT_SECONDS = 15.0  # under parallel.HEARTBEAT_TIMEOUT_SECONDS, so that this message comes first
 PEER_LOST_STATUS = 4  # 2: a user error, 3: the watchdog
 PREFIX = "resnet_jax/alive/"
@@ -31,17 +33,19 @@ def report_and_exit(message: str) -> None:
     os._exit(PEER_LOST_STATUS)  # JAX's exit handler would wait for the dead peer at a barrier
 
 
-# What the runtime's error says when a collective lost its partner (gloo on CPUs, NCCL on GPUs, the
-# coordination service everywhere); an out-of-memory error, say, is not a lost peer.
+# What the runtime's error says when a collective lost its partner (gloo's sockets on CPUs, the
+# coordination service everywhere). Errors that merely mention NCCL or a peer (out of memory, peer
+# access) are not lost peers: blaming a peer would abandon the checkpoint writes in flight.
 LOST_PEER_SIGNS = (
-    "gloo",
-    "nccl",
     "connection reset",
     "connection closed",
+    "connection refused",
     "broken pipe",
-    "heartbeat",
-    "peer",
+    "socket closed",
+    "heartbeat timeout",
+    "unavailable:",
 )
+NOT_LOST_PEER_SIGNS = ("resource_exhausted", "out of memory")
 
 
 class PeerLostError(RuntimeError):
@@ -50,26 +54,26 @@ class PeerLostError(RuntimeError):
 
 def lost_peer(error: BaseException) -> PeerLostError | None:
     """`error` (raised by a computation) as a `PeerLostError` when it says that a peer is gone."""
-    text = str(error)
-    if jax.process_count() < 2 or not any(sign in text.lower() for sign in LOST_PEER_SIGNS):
+    text = str(error).lower()
+    if jax.process_count() < 2 or any(sign in text for sign in NOT_LOST_PEER_SIGNS):
+        return None
+    if not any(sign in text for sign in LOST_PEER_SIGNS):
         return None
     me, count = jax.process_index(), jax.process_count()
     others = [p for p in range(count) if p != me]
     who = f"process {others[0]}" if len(others) == 1 else "another process"
-    return PeerLostError(lost_message(me, count, f"a collective with {who} failed", first_line(text)))
+    detail = first_line(str(error))
+    return PeerLostError(lost_message(me, count, f"a collective with {who} failed", detail))
 
 
-def lost_message(me: int, count: int, what: str, detail: str) -> str:
+def lost_message(
+    me: int, count: int, what: str, detail: str, cause: str = "it has died or lost its network"
+) -> str:
     return (
-        f"process {me} of {count}: {what}{f' ({detail})' if detail else ''}; it has died or lost its "
-        "network, and this process stops too. Restart every process with the same command: the run "
-        'resumes from its last checkpoint (docs/scaling.md, "When a process dies")'
+        f"process {me} of {count}: {what}{f' ({detail})' if detail else ''}; {cause}, and this process "
+        "stops too. Restart every process with the same command: the run resumes from its last "
+        'checkpoint (docs/scaling.md, "When a process dies")'
     )
-
-
-def first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0][:300] if lines else ""
 
 
 def coordination_client() -> Any | None:
@@ -99,6 +103,7 @@ class PeerMonitor:
         self.timeout, self.on_lost, self.clock, self.interval = timeout, on_lost, clock, interval
         self.me, self.count = jax.process_index(), jax.process_count()
         self.beats = 0
+        self.last_round = clock()  # the last round in which the coordination service answered
         self.seen: dict[int, tuple[str, float]] = {}  # process -> (last value, when it last changed)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="resnet_jax-peers", daemon=True)
@@ -109,13 +114,15 @@ class PeerMonitor:
             self.thread.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, *_: Any) -> None:
         if self.client is None:
             return
         self.stopped.set()
         self.thread.join()
+        # "done": finished, the others may go on alone; "failed: ...": they stop at once, saying why.
+        state = "done" if kind is None else f"failed: {kind.__name__}: {first_line(str(error), 200)}"
         with contextlib.suppress(Exception):  # the coordinator is gone too; the exit says so
-            self.client.key_value_set(f"{PREFIX}{self.me}", "done", allow_overwrite=True)
+            self.client.key_value_set(f"{PREFIX}{self.me}", state, allow_overwrite=True)
 
     def beat(self) -> None:
         self.beats += 1
@@ -123,18 +130,27 @@ class PeerMonitor:
 
     def check(self) -> str | None:
         """One round: beat, read every peer's counter; the message when one has stopped."""
+        now = self.clock()
         try:
             self.beat()
             values = dict(self.client.key_value_dir_get(PREFIX))
-        except Exception as e:  # the service lives in process 0
-            what = "process 0 (the coordinator) cannot be reached"
+        except Exception as e:  # the service lives in process 0; one failed round may be a hiccup
+            if now - self.last_round <= self.timeout:
+                return None
+            what = (
+                f"the coordination service (in process 0) has not answered for {now - self.last_round:.0f}s"
+            )
             return lost_message(self.me, self.count, what, first_line(str(e)) or type(e).__name__)
-        now = self.clock()
+        self.last_round = now
         for key, value in values.items():
             process = int(key.rsplit("/", 1)[-1])
             if process == self.me or value == "done":
                 self.seen.pop(process, None)
                 continue
+            if value.startswith("failed: "):
+                what = f"process {process} stopped with an error"
+                cause = "its output says why"
+                return lost_message(self.me, self.count, what, value.removeprefix("failed: "), cause)
             last = self.seen.get(process)
             if last is None or last[0] != value:
                 self.seen[process] = (value, now)

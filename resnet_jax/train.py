@@ -229,7 +229,8 @@ def run_loop(
         enabled=parallel.is_primary(),
     )
     profiler = progress.StepProfiler(config.profile_steps, os.path.join(workdir, "profile"))
-    write_eval_images = eval_image_writer(steps, dataset, config.eval_images, writer)
+    with dog.long_operation("reading the eval images for TensorBoard"):
+        write_eval_images = eval_image_writer(steps, dataset, config.eval_images, writer)
     log_cadence, eval_cadence, save_cadence = (
         loop.Cadence.from_config(every, steps_per_epoch, total)
         for every in (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
@@ -256,11 +257,13 @@ def run_loop(
     try:
         with checkpoint.PreemptionWatcher() as preemption:
             for step in range(start_step + 1, total + 1):
-                skipped_images, batch = next(batches)
-                skipped.add(skipped_images)
-                profiler.before_step(step)
                 first = step == start_step + 1
-                with dog.long_operation("compiling the train step") if first else contextlib.nullcontext():
+                # The first batch starts the loader's workers, and the first step compiles.
+                first_step = dog.long_operation("loading the first batch and compiling the train step")
+                with first_step if first else contextlib.nullcontext():
+                    skipped_images, batch = next(batches)
+                    skipped.add(skipped_images)
+                    profiler.before_step(step)
                     state, step_metrics = steps.train_step(state, batch)
                     if first:
                         jax.block_until_ready(state)
@@ -301,7 +304,8 @@ def run_loop(
                     save(step, eval_scalars)
                 if not last and preemption.should_stop(step):
                     save(step, None)
-                    checkpoints.wait()
+                    with dog.long_operation(f"finishing the checkpoint of step {step}"):
+                        checkpoints.wait()
                     log(f"preempted at step {step}, checkpoint saved")
                     break
     except jax.errors.JaxRuntimeError as e:

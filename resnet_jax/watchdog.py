@@ -133,7 +133,7 @@ class Watchdog:
     def check(self) -> str | None:
         """Record the units completed since the last check; the hang message when past the bound."""
         with self.lock:
-            while self.pending and self.pending[0].marker.is_ready():
+            while self.pending and self._finished(self.pending[0]):
                 self._progress(self.pending.popleft().label)
             waited, limit = self.clock() - self.last_progress, self.limit()
             if waited <= limit:
@@ -151,6 +151,13 @@ class Watchdog:
                 "process that died or hung stops the others too: look at every process's output "
                 '(docs/scaling.md, "When a run hangs")'
             )
+
+    @staticmethod
+    def _finished(unit: _Unit) -> bool:
+        try:
+            return unit.marker.is_ready()
+        except Exception:  # its computation failed: the main thread raises that error itself
+            return True
 
     def _watch(self) -> None:
         while not self.stopped.wait(self.poll_seconds):

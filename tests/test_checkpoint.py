@@ -212,20 +212,22 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
         checkpoints.resolve("3")
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "metadata deleted"])
 def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, capsys):
     save_steps(tmp_path, [None, None, None], keep=3)
     state_dir = tmp_path / "checkpoints" / "3" / "state"
     for root, _, files in os.walk(state_dir):
         for name in files:
             path = os.path.join(root, name)
-            if damage == "deleted":
+            if damage == "deleted" or (damage == "metadata deleted" and name == "_METADATA"):
                 os.remove(path)
-            else:
+            elif damage == "truncated":
                 os.truncate(path, os.path.getsize(path) // 3)
     checkpoints = checkpoint.Checkpoints(str(tmp_path), keep=3)
     abstract = jax.eval_shape(lambda: toy_state(0))
-    step, items = checkpoints.restore_latest(abstract)
+    # With the config, as train.py resumes: the layout check must not take a broken checkpoint for
+    # a config change (which would refuse the resume instead of falling back).
+    step, items = checkpoints.restore_latest(abstract, config=CONFIG)
     assert step == 2
     np.testing.assert_array_equal(items["state"]["w"], 2.0)
     warning = capsys.readouterr().err

@@ -63,6 +63,23 @@ def test_a_missing_config_file_is_one_line_with_the_nearest_file(tmp_path, scrip
     ]
 
 
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ('def get_config():\n    raise ValueError("bad value\\nmore")\n', "ValueError: bad value"),
+        ("def get_config(:\n", "SyntaxError: invalid syntax"),
+        ("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict().nope\n", "nope"),
+    ],
+)
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, body, message):
+    path = tmp_path / "broken_config.py"
+    path.write_text(body)
+    result = run_script("train.py", "--config", str(path), "--workdir", str(tmp_path / "w"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: config file {path}: ") and message in line, line
+
+
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -55,8 +55,27 @@ def test_a_peer_whose_counter_stops_is_named_after_the_timeout(monkeypatch):
     assert "Restart every process with the same command" in message
     client.values[peers.PREFIX + "2"] = "done"  # finished its loop: never a death
     assert monitor.check() is None
-    client.down = True
-    assert "process 0 (the coordinator) cannot be reached (UNAVAILABLE" in monitor.check()
+    client.values[peers.PREFIX + "2"] = "failed: ValueError: no such dataset"  # stopped on an error
+    assert "process 2 stopped with an error (ValueError: no such dataset); its output says why" in (
+        monitor.check()
+    )
+    del client.values[peers.PREFIX + "2"]
+    client.down = True  # one failed round is a hiccup; a timeout of them is a lost coordinator
+    assert monitor.check() is None
+    clock.now = 21.6  # 11.1 s after the last answered round, at 10.5 s
+    message = monitor.check()
+    assert "the coordination service (in process 0) has not answered for 11s (UNAVAILABLE" in message
+
+
+def test_the_monitor_marks_a_normal_end_done_and_an_error_failed(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    client = FakeClient()
+    with peers.PeerMonitor(10.0, client=client, interval=60.0):
+        pass
+    assert client.values[peers.PREFIX + "0"] == "done"
+    with pytest.raises(ValueError), peers.PeerMonitor(10.0, client=client, interval=60.0):
+        raise ValueError("no such dataset\nsecond line")
+    assert client.values[peers.PREFIX + "0"] == "failed: ValueError: no such dataset"
 
 
 def test_only_errors_that_name_a_lost_connection_count_as_a_lost_peer(monkeypatch):
@@ -68,6 +87,9 @@ def test_only_errors_that_name_a_lost_connection_count_as_a_lost_peer(monkeypatc
     lost = peers.lost_peer(reset)
     assert str(lost).startswith("process 0 of 2: a collective with process 1 failed (UNKNOWN: Gloo")
     assert peers.lost_peer(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4GiB")) is None
+    assert (
+        peers.lost_peer(RuntimeError("INTERNAL: nccl_utils.cc: unhandled cuda error (peer access)")) is None
+    )
 
 
 def launch(workdir, steps):
