@@ -27,17 +27,12 @@ from resnet_jax.step import eval_logits
 
 
 def image_files(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """(image files, problems): the inputs with folders searched (sorted), every file checked to open as
-    an image. Done before the checkpoint loads, so that a typo costs nothing."""
+    """(image files, problems): the inputs with folders searched as dataset folders are, every file
+    checked to open as an image. Done before the checkpoint loads, so that a typo costs nothing."""
     candidates, problems = [], []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if name.lower().endswith(sources.IMAGE_EXTENSIONS) and not name.startswith(".")
-            )
+            found = sources.image_files_under(item)
             if not found:
                 problems.append(f"{item!r}: no image files ({', '.join(sources.IMAGE_EXTENSIONS)})")
             candidates += found

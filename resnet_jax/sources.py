@@ -251,22 +251,24 @@ class FolderSource:
         return {"image": np.zeros((1, 1, 3), np.uint8), "label": np.int32(0), "valid": np.float32(0)}
 
 
+def image_files_under(directory: str) -> list[str]:
+    """The image files in `directory` and its sub-directories (hidden ones skipped), in sorted order."""
+    files = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [
+            os.path.join(root, n)
+            for n in sorted(names)
+            if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
+        ]
+    return files
+
+
 def _class_images(directory: str) -> dict[str, list[str]]:
     """Class sub-directory name -> its image files (searched recursively, sorted)."""
     entries = sorted(d for d in os.listdir(directory) if not d.startswith("."))
     classes = [d for d in entries if os.path.isdir(os.path.join(directory, d))]
-    found = {}
-    for name in classes:
-        files = []
-        for root, dirs, names in os.walk(os.path.join(directory, name)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [
-                os.path.join(root, n)
-                for n in sorted(names)
-                if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-            ]
-        found[name] = files
-    return found
+    return {name: image_files_under(os.path.join(directory, name)) for name in classes}
 
 
 def _check_classes(spec: str, directory: str, classes: dict[str, list[str]]) -> None:

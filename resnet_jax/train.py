@@ -89,6 +89,13 @@ def abstract_state(config: ml_collections.ConfigDict, info: data.DatasetInfo, pl
     return jax.eval_shape(state_initializer(config, info, model, tx), rng_key(config.seed))
 
 
+def with_saved_values(
+    config: ml_collections.ConfigDict, saved: dict[str, Any], keys: list[str]
+) -> ml_collections.ConfigDict:
+    """`config` with `keys` set back to their values in the saved config (JSON), completed and typed."""
+    return complete_config(ml_collections.ConfigDict({**config.to_dict(), **{k: saved[k] for k in keys}}))
+
+
 def keys_behind_layout(
     saved: dict[str, Any],
     saved_layout: checkpoint.Layout,
@@ -99,8 +106,8 @@ def keys_behind_layout(
     each alone if one does, else all of them together if that does, else none."""
 
     def layout_with(keys: list[str]) -> checkpoint.Layout | None:
-        candidate = ml_collections.ConfigDict({**config.to_dict(), **{k: saved[k] for k in keys}})
         try:
+            candidate = with_saved_values(config, saved, keys)
             return checkpoint.leaf_layout(abstract_state(candidate, steps.info, steps.platform))
         except Exception:  # a saved value this code no longer accepts
             return None
@@ -259,8 +266,8 @@ def run_loop(
             for step in range(start_step + 1, total + 1):
                 first = step == start_step + 1
                 # The first batch starts the loader's workers, and the first step compiles.
-                first_step = dog.long_operation("loading the first batch and compiling the train step")
-                with first_step if first else contextlib.nullcontext():
+                phase = "loading the first batch and compiling the train step"
+                with dog.long_operation(phase) if first else contextlib.nullcontext():
                     skipped_images, batch = next(batches)
                     skipped.add(skipped_images)
                     profiler.before_step(step)
@@ -412,9 +419,8 @@ def schedule_change(
         return None
     causes = []
     for key in checkpoint.changed_keys(saved, config):
-        with contextlib.suppress(Exception):
-            reverted = complete_config(ml_collections.ConfigDict({**config.to_dict(), key: saved[key]}))
-            if rate(reverted) != rate(config):
+        with contextlib.suppress(Exception):  # a saved value this code no longer accepts
+            if rate(with_saved_values(config, saved, [key])) != (new, new_total):
                 causes.append(f"{key} {saved[key]!r} -> {config[key]!r}")
     return (
         f"the learning-rate schedule changed ({', '.join(causes) or 'config'}): it now spans {new_total} "

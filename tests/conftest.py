@@ -14,10 +14,6 @@ sys.path.insert(0, str(ROOT))  # so that `configs` imports like it does for trai
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu")
 
 
-# Device nodes of NVIDIA GPUs, TPUs (v2-v3: accel, v4 and later: vfio) and AMD GPUs.
-ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
-
-
 def runs_on_cpu() -> bool:
     """Whether JAX will pick the CPU, known without starting JAX (which would fix its flags)."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -28,9 +24,9 @@ def runs_on_cpu() -> bool:
 
 # The preflight extra installs libtpu and the CUDA plugin. Without the hardware they would start,
 # fail and print a traceback in every test process: on a machine without an accelerator, the suite
-# (and its subprocesses) runs on the CPU.
-if not os.environ.get("JAX_PLATFORMS") and not any(os.path.exists(p) for p in ACCELERATOR_DEVICES):
-    os.environ["JAX_PLATFORMS"] = "cpu"
+# (and its subprocesses) runs on the CPU. Importing the package does that (resnet_jax.cpu_host), as
+# it does for users; XLA_FLAGS below still apply, as JAX reads them when its backends start.
+import resnet_jax  # noqa: E402, F401
 
 
 def xla_flags_with(*flags: str) -> str:
