@@ -71,7 +71,7 @@ def robust_norm(x: jax.Array) -> jax.Array:
     return scale * jnp.sqrt(jnp.sum(jnp.square(x / scale)))
 
 
-def _is_block_call(context: Any) -> bool:
+def is_block_call(context: Any) -> bool:
     return context.method_name == "__call__" and isinstance(context.module, models.BasicBlock)
 
 
@@ -80,7 +80,7 @@ def block_input_shapes(module: nn.Module, variables: Any, images: jax.Array) -> 
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(call: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if _is_block_call(context):
+        if is_block_call(context):
             shapes[context.module.name] = tuple(args[0].shape[1:])
         return call(*args, **kwargs)
 
@@ -95,20 +95,30 @@ def batch_loss(
     images: jax.Array,
     labels: jax.Array,
     block_perturbations: dict[str, jax.Array] | None = None,
+    output_perturbations: dict[str, jax.Array] | None = None,
+    train: bool = True,
 ) -> tuple[jax.Array, Any]:
-    """Mean cross-entropy in train mode (batch statistics, as in training) and the new batch_stats.
+    """Mean cross-entropy and the new batch_stats, in train mode (batch statistics, as in training)
+    unless `train` is False (running statistics, batch_stats unchanged).
 
-    `block_perturbations[name]` is added to the input of block `name`: differentiating with respect
-    to a zero perturbation gives the gradient of the loss with respect to that activation.
+    `block_perturbations[name]` is added to the input of block `name`, `output_perturbations[name]`
+    to its output: differentiating with respect to a zero perturbation gives the gradient of the
+    loss with respect to that activation.
     """
-    perturbations = block_perturbations or {}
+    inputs, outputs = block_perturbations or {}, output_perturbations or {}
 
     def perturb(call: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if _is_block_call(context) and context.module.name in perturbations:
-            args = (args[0] + perturbations[context.module.name], *args[1:])
-        return call(*args, **kwargs)
+        if not is_block_call(context):
+            return call(*args, **kwargs)
+        name = context.module.name
+        if name in inputs:
+            args = (args[0] + inputs[name], *args[1:])
+        out = call(*args, **kwargs)
+        return out + outputs[name] if name in outputs else out
 
     with nn.intercept_methods(perturb):
+        if not train:
+            return cross_entropy(module.apply(variables, images, train=False), labels).mean(), {}
         logits, updates = module.apply(variables, images, train=True, mutable=["batch_stats"])
     return cross_entropy(logits, labels).mean(), updates.get("batch_stats", {})
 
@@ -467,7 +477,8 @@ def summary_text(document: dict[str, Any]) -> str:
         "Vanishing gradients in the plain nets:",
         *(f"- {line}" for line in summary["vanishing"]),
         "",
-        "Degradation (deeper vs shallower, same family, same budget):",
+        "Deeper vs shallower in this budget (no warmup: it shows how sensitive deep nets are to the first",
+        "steps; He et al.'s degradation with the library's recipe is `python -m resnet_jax.jacobians`):",
         *(f"- {d['text']}" for d in summary["degradation"]),
         "",
         summary["table"],
@@ -554,13 +565,13 @@ def plot(document: dict[str, Any], out_dir: str) -> list[str]:
 # ---------------------------------------------------------------- command line
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 
@@ -607,7 +618,7 @@ def study_main(args: Any, depths: list[int]) -> None:
     document = run_study(depths, args.families, args.norm, args.activation, config)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradient_flow.json"), "w") as f:
-        json.dump(_finite_or_none(document), f, indent=1)
+        json.dump(finite_or_none(document), f, indent=1)
     text = summary_text(document)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)

@@ -341,6 +341,9 @@ class BasicBlock(nn.Module):
     drop_path: float = 0.0  # stochastic depth rate of this block
     deterministic: bool = True  # eval mode for drop-path
     fold_norm: ModuleDef | None = None  # FoldedBatchNorm, configured like norm: fold 1x1 conv + norm pairs
+    # Return the residual branch F(x) alone, where the skip path would join it (before the sum and
+    # any activation after it): the Jacobian study's x -> F(x). Same parameters.
+    branch_only: bool = False
 
     expansion = 1
 
@@ -374,8 +377,10 @@ class BasicBlock(nn.Module):
                 y, self.out_filters, self.conv, self.norm, self.fold_norm, names, scale_init=scale_init
             )
         if self.shortcut is None:
-            return self.act(y)
+            return y if self.branch_only else self.act(y)
         y = self._branch_end(y)
+        if self.branch_only:
+            return y
         skip = Shortcut(
             self.out_filters,
             self.strides,
@@ -436,6 +441,8 @@ class PreActBasicBlock(BasicBlock):
         if self.shortcut is None:
             return y
         y = self._branch_end(y)
+        if self.branch_only:
+            return y
         filters = self.out_filters
         projects = self.shortcut != "pad" and (x.shape[-1] != filters or self.strides != 1)
         skip = Shortcut(filters, self.strides, self.shortcut, self.conv, Identity, name="shortcut")
