@@ -15,6 +15,7 @@ every block boundary with `jax.grad`; the per-block gaps say where the bound los
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -72,26 +73,27 @@ def block_function(module: nn.Module, variables: Any, train: bool) -> Callable[[
     return lambda x: module.apply(variables, x)
 
 
+def block_settings(module: nn.Module) -> tuple:
+    """What a block computes, short of its parameters: its fields, with the conv and norm layers that
+    `ResNet` makes anew for every net replaced by the kind of norm. Blocks of nets that differ only
+    in their conv dtype would compare equal; the study's nets are all float32."""
+    injected = ("name", "parent", "conv", "norm", "fold_norm")
+    fields = tuple(
+        (f.name, getattr(module, f.name)) for f in dataclasses.fields(module) if f.name not in injected
+    )
+    return (*fields, ("norm", "none" if module.norm is Identity else "batch"))
+
+
 class SpectrumEstimator:
-    """`spectra.estimate` on blocks, compiled once per block shape and kind and reused across nets of
-    one setting (blocks of plain20 and plain56 with the same filters and stride share a program)."""
+    """`spectra.estimate` on blocks, compiled once per `block_settings` and input shape, and reused
+    across nets (blocks of plain20 and plain56 with the same filters and stride share a program)."""
 
     def __init__(self, iterations: int, probes: int, train: bool):
         self.iterations, self.probes, self.train = iterations, probes, train
         self._compiled: dict[tuple, Callable] = {}
 
     def __call__(self, module: nn.Module, variables: Any, x: jax.Array, key: jax.Array) -> spectra.Spectrum:
-        signature = (  # what the block computes, short of its parameters (the study's nets are float32)
-            type(module).__name__,
-            module.filters,
-            module.strides,
-            module.shortcut,
-            module.branch_only,
-            module.act,
-            module.norm is Identity,
-            x.shape,
-            str(x.dtype),
-        )
+        signature = (type(module), block_settings(module), x.shape, str(x.dtype))
         if signature not in self._compiled:
 
             def run(variables: Any, x: jax.Array, key: jax.Array) -> dict[str, jax.Array]:

@@ -10,6 +10,7 @@ computed from the numbers) and the plots (`jacobian_plots`).
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -336,7 +337,11 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """python -m resnet_jax.jacobians --out DIR [--depths 20,56,110] [--train_depths 20,56]
+    """Per-block Jacobian spectra of plain, v1 and pre-activation CIFAR nets at initialisation and after
+    training with a recipe, their product across depth against the measured gradient, and He et al.'s
+    degradation experiment (docs/gradient_flow.md). Writes jacobians.json, summary.md and plots to --out.
+
+    python -m resnet_jax.jacobians --out DIR [--depths 20,56,110] [--train_depths 20,56]
     [--families plain,resnet,preact_resnet] [--norm batch] [--activation relu] [--mode train]
     [--config configs/digits.py] [--config.KEY=VALUE ...]
     """
@@ -366,6 +371,8 @@ def main(argv: Sequence[str]) -> int:
             probes=FLAGS.probes,
             probe_size=FLAGS.probe_size,
         )
+        if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+            raise UserError(f"--out={FLAGS.out!r} is a file; pass a folder (it is created if missing)")
         os.makedirs(FLAGS.out, exist_ok=True)
         document = run_study(depths, train_depths=trained, out_dir=FLAGS.out, **options)
         with open(os.path.join(FLAGS.out, "jacobians.json"), "w") as f:
@@ -395,4 +402,8 @@ if __name__ == "__main__":
     args = sys.argv  # the default recipe goes before any --config.KEY override, which needs it
     if cli.config_file_argument(args) is None:
         args = [args[0], f"--config={DEFAULT_RECIPE}", *args[1:]]
-    app.run(lambda argv: sys.exit(main(argv)), argv=args, flags_parser=cli.absl_flags_parser(main.__doc__))
+    app.run(
+        lambda argv: sys.exit(main(argv)),
+        argv=args,
+        flags_parser=cli.absl_flags_parser(inspect.cleandoc(main.__doc__)),
+    )

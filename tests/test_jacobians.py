@@ -91,10 +91,13 @@ def test_cli_trains_measures_and_writes_the_json_summary_and_plots(tmp_path):
         ),
         (["--families", "resnext"], "--families='resnext' is not valid"),
         (["--probe_size", "0"], "--probe_size=0 must be a positive integer"),
+        (["--out", "FILE"], "is a file; pass a folder"),
         (["--config", "configs/digit.py"], "did you mean configs/digits.py?"),
     ],
 )
 def test_bad_arguments_are_one_line_each(tmp_path, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
     result = run_script("-m", "resnet_jax.jacobians", "--out", str(tmp_path / "o"), *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -120,3 +123,9 @@ def test_nets_without_normalisation_are_measured_at_initialisation_only(tmp_path
     assert not (tmp_path / "runs").exists()
     assert lines[0].split()[:3] == ["plain20", "norm=none", "sigmoid"] and jacobians.UNTRAINED in lines[0]
     assert document["summary"]["degradation"] == [] and document["summary"]["figure_6_ordering"] is None
+
+
+def test_help_says_what_the_study_does_and_exits_zero():
+    result = run_script("-m", "resnet_jax.jacobians", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("Per-block Jacobian spectra") and "--train_depths" in result.stdout
