@@ -20,6 +20,7 @@ def plot(document: dict[str, Any], out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    os.makedirs(out_dir, exist_ok=True)
     runs = document["runs"]
     colors = {family: f"C{i}" for i, family in enumerate(FAMILIES)}
     depths = sorted({r["depth"] for r in runs})

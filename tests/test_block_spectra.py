@@ -68,7 +68,7 @@ def test_a_gradient_that_underflowed_to_zero_reads_n_a_in_the_summary_and_leaves
     text = jacobians.summary_text(document)
     assert "plain20 (norm=batch, relu, init): measured |dL/dx_0| / |dL/dx_L| = n/a (n/a per block)" in text
     assert "bound / measured n/a" in text and "Degradation" not in text
-    paths = jacobian_plots.plot(document, str(tmp_path))
+    paths = jacobian_plots.plot(document, str(tmp_path / "not" / "yet"))  # the folder is created
     assert [p.rsplit("/", 1)[1] for p in paths] == [
         "jacobian_spectra.png",
         "branch_spectra.png",
