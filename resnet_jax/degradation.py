@@ -19,10 +19,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 
-from resnet_jax import data, gradient_flow, inference, parallel, train
+from resnet_jax import data, gradient_flow, inference, models, parallel, train
 from resnet_jax.step import TrainState
 
 # A deeper net "trains worse" when its training error exceeds the shallower one's by more than
@@ -56,7 +55,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 def train_accuracy(config: ml_collections.ConfigDict, state: TrainState, dataset: data.Dataset) -> float:
     """Accuracy on the whole training split, unaugmented (the eval transform), as He et al. plot it."""
     mesh = parallel.create_mesh()
-    model = train.model_and_optimizer(config, dataset.info, jax.default_backend())[0]
+    model = models.create_model(config, dataset.info.num_classes)
     step = inference.compile_eval_step(model, dataset.info, mesh)
     on_train = dataclasses.replace(dataset, eval_source=dataset.train_source)
     size = inference.eval_batch_size(config, mesh)

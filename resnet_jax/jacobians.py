@@ -82,7 +82,7 @@ def run_net(
     recipe: ml_collections.ConfigDict,
     dataset: data.Dataset,
     estimator: block_spectra.SpectrumEstimator,
-    probe_size: int,
+    probe_batch: tuple[jax.Array, jax.Array],
     train_dir: str | None,
 ) -> dict[str, Any]:
     """Spectra at initialisation; with `train_dir` (and BatchNorm, which the recipe has) the net is
@@ -93,7 +93,7 @@ def run_net(
     model = models.create(
         name, info.num_classes, norm=norm, activation=activation, zero_init_residual=config.zero_init_residual
     )
-    images, labels = probe(dataset, probe_size)
+    images, labels = probe_batch
     key = rng_key(config.seed)
     measure = functools.partial(
         block_spectra.network_spectra, model, images=images, labels=labels, estimator=estimator
@@ -151,6 +151,7 @@ def run_study(
     if probe_size > dataset.info.num_train:
         raise UserError(f"--probe_size={probe_size} exceeds the {dataset.info.num_train} training images")
     estimator = block_spectra.SpectrumEstimator(iterations, probes, train=mode == "train")
+    probe_batch = probe(dataset, probe_size)  # the same measured batch for every net
     runs = []
     for norm, activation, depth, family in itertools.product(norms, activations, depths, families):
         start = time.perf_counter()
@@ -162,7 +163,7 @@ def run_study(
             recipe=recipe,
             dataset=dataset,
             estimator=estimator,
-            probe_size=probe_size,
+            probe_batch=probe_batch,
             train_dir=os.path.join(out_dir, "runs") if depth in train_depths else None,
         )
         runs.append(run)
