@@ -12,10 +12,12 @@ at the smallest DCT scale that keeps the crop at least as large as the output
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,33 +31,67 @@ Example = dict[str, Any]  # one image and its label (and flags), as the sources 
 DCT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes directly
 
 
+PIL_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises on a bad or truncated file
+
+
+@contextlib.contextmanager
+def decoding(name: str) -> Iterator[None]:
+    """PIL's errors on a bad image, as one `ImageError` that names the file or record."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except PIL_ERRORS as e:
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # PIL names its buffer
+        raise ImageError(f"cannot decode {name}: {reason}", reason) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedImage:
-    """An image file's bytes, decoded by the transform only as far as its crop needs."""
+    """An image file's bytes, decoded by the transform only as far as its crop needs.
+
+    `header` is the PIL image a source already opened to check the file: the transform takes it
+    (once) instead of parsing the header a second time. It never crosses a process boundary.
+    """
 
     data: bytes
     name: str  # the file or record, for messages
+    header: Image.Image | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def open(self) -> Image.Image:
+        """A PIL image, parsed up to its header only, that the caller may decode once."""
+        header = self.header
+        if header is not None:
+            object.__setattr__(self, "header", None)  # a one-shot cache: PIL decodes an image once
+            return header
+        with decoding(self.name):
+            return Image.open(io.BytesIO(self.data))
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"data": self.data, "name": self.name, "header": None}
+
+
+def is_complete(data: bytes, kind: str | None) -> bool:
+    """Whether a JPEG or PNG file ends with its end marker (a truncated download does not)."""
+    tail = data.rstrip(b"\0")
+    return (kind == "JPEG" and tail.endswith(b"\xff\xd9")) or (kind == "PNG" and tail[-8:-4] == b"IEND")
 
 
 def encoded_or_decoded(data: bytes, name: str, channels: int = 3) -> EncodedImage | np.ndarray:
-    """A complete JPEG or PNG file as `EncodedImage` (decoded later, lazily), anything else decoded
-    now. Raises OSError/ValueError/SyntaxError (PIL's) when the file cannot be read, so that the
+    """A complete JPEG or PNG file as `EncodedImage` (decoded later, lazily, from the header parsed
+    here), anything else decoded now. Raises `ImageError` when the file cannot be read, so that the
     source can skip it: a truncated JPEG or PNG lacks its end marker and is decoded here to find out."""
-    with Image.open(io.BytesIO(data)) as image:  # parses the header only
-        kind = image.format
-    tail = data.rstrip(b"\0")
-    if (kind == "JPEG" and tail.endswith(b"\xff\xd9")) or (kind == "PNG" and tail[-8:-4] == b"IEND"):
-        return EncodedImage(data, name)
-    return decode_image(data, channels)
+    with decoding(name):
+        image = Image.open(io.BytesIO(data))  # parses the header only
+        if is_complete(data, image.format):
+            return EncodedImage(data, name, image)
+        return pil_to_array(image, channels)
 
 
 def open_image(image: np.ndarray | EncodedImage) -> Image.Image:
     """A PIL image to crop from; an `EncodedImage` is only parsed up to its header here."""
     if isinstance(image, EncodedImage):
-        try:
-            return Image.open(io.BytesIO(image.data))
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ImageError(f"cannot decode {image.name}: {e}") from None
+        return image.open()
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
@@ -66,7 +102,7 @@ def decode_crop_resize(
     channels: int,
     draft: bool = True,
     name: str = "image",
-) -> np.ndarray:
+) -> Image.Image:
     """The (top, left, height, width) `box` of the image, resized to size x size (bilinear,
     antialiased when shrinking) in one PIL pass.
 
@@ -84,13 +120,15 @@ def decode_crop_resize(
             pil.draft(None, (full_width // scale, full_height // scale))
             scale = full_width / pil.size[0]  # what libjpeg chose (its sizes round up)
             scale = 2 ** round(math.log2(scale))
-    try:
+    with decoding(getattr(image, "name", name)):
         pil = to_mode(pil, channels)
         region = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-        out = np.asarray(pil.resize((size, size), Image.BILINEAR, box=region), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"cannot decode {getattr(image, 'name', name)}: {e}") from None
-    return out.reshape(size, size, channels)
+        return pil.resize((size, size), Image.BILINEAR, box=region)
+
+
+def pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """A PIL image's uint8 HWC pixels."""
+    return np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], channels)
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -101,18 +139,21 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
 def as_array(image: np.ndarray | EncodedImage, channels: int) -> np.ndarray:
     """Decoded uint8 HWC pixels with `channels` channels."""
     if isinstance(image, EncodedImage):
-        try:
-            return decode_image(image.data, channels)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ImageError(f"cannot decode {image.name}: {e}") from None
+        with decoding(image.name):
+            return pil_to_array(image.open(), channels)
     return match_channels(image, channels)
+
+
+def pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
+    """Decode a PIL image to uint8 HWC with `channels` (grayscale, palette, RGBA converted)."""
+    with image:
+        array = np.asarray(to_mode(image, channels), dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
 
 
 def decode_image(source: str | bytes, channels: int = 3) -> np.ndarray:
     """A file path or encoded bytes -> uint8 HWC with `channels` (grayscale, palette, RGBA converted)."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+    return pil_to_array(Image.open(io.BytesIO(source) if isinstance(source, bytes) else source), channels)
 
 
 def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -197,18 +238,22 @@ def random_resized_crop_box(
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def random_resized_crop(
+def random_resized_crop_and_flip(
     image: np.ndarray | EncodedImage,
     rng: np.random.Generator,
     size: int,
     channels: int = 3,
     draft: bool = True,
-) -> np.ndarray:
-    """An Inception-style crop resized to size x size, decoding no more than it needs."""
+    flip: bool = True,
+) -> Image.Image:
+    """The ImageNet train crop as a PIL image: the box and the flip are drawn before any pixel is
+    decoded (in `random_flip`'s order), and the flip is PIL's (a numpy flip costs a strided copy)."""
     pil = open_image(image)  # the header only
     width, height = pil.size
     box = random_resized_crop_box(height, width, rng)
-    return decode_crop_resize(pil, box, size, channels, draft, getattr(image, "name", "image"))
+    flipped = flip and rng.random() < 0.5
+    crop = decode_crop_resize(pil, box, size, channels, draft, getattr(image, "name", "image"))
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else crop
 
 
 def choose(augment: str, dataset_name: str, source_size: int | None, image_size: int) -> str:
@@ -245,19 +290,17 @@ class TrainTransform:
         self.policy, self.erase, self.draft = policy, erase, draft
 
     def __call__(self, example: Example, rng: np.random.Generator) -> Example:
-        if self.style == "imagenet":
-            image = random_flip(
-                random_resized_crop(example["image"], rng, self.size, self.channels, self.draft), rng
-            )
+        if self.style == "imagenet":  # PIL from the decoder to the policy: no numpy round trip
+            crop = random_resized_crop_and_flip(example["image"], rng, self.size, self.channels, self.draft)
+            image = pixels(crop if self.policy is None else self.policy(crop, rng), self.channels)
         else:
             image = resize_shorter_and_center_crop(as_array(example["image"], self.channels), self.size)
             if self.style == "cifar":
                 image = random_flip(random_shift(image, rng, pad=max(1, self.size // 8)), rng)
             elif self.style == "shift":
                 image = random_shift(image, rng, pad=max(1, self.size // 8))
-        if self.policy is not None:
-            image = np.asarray(self.policy(open_image(np.ascontiguousarray(image)), rng), np.uint8)
-            image = image.reshape(self.size, self.size, self.channels)
+            if self.policy is not None:
+                image = pixels(self.policy(open_image(np.ascontiguousarray(image)), rng), self.channels)
         if self.erase is not None:
             image = self.erase(image, rng)
         return {**example, "image": np.ascontiguousarray(image)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import faulthandler
 import glob
+import importlib.util
 import os
 import re
 import signal
@@ -172,6 +173,15 @@ def check_config_file(path: str) -> None:
     hint = f"; did you mean {match}?" if match else f"; the config files are in {folder}/"
     problem = "cannot be read" if os.path.exists(path) else "does not exist"
     raise ConfigError(f"config file {path!r} {problem}{hint}")
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file, as train.py's --config reads it."""
+    check_config_file(str(path))
+    spec = importlib.util.spec_from_file_location("resnet_jax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def config_file_argument(argv: Sequence[str]) -> str | None:

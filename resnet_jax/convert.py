@@ -15,14 +15,12 @@ see the weights' `pretrained_cfg`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
 import jax.numpy as jnp
-import ml_collections
 from absl import flags
 
 from resnet_jax import checkpoint, cli, data, models, weights
@@ -36,15 +34,6 @@ NORMALIZATIONS = {
     "imagenet": (weights.IMAGENET_MEAN, weights.IMAGENET_STD),
     "inception": ((127.5,) * 3, (127.5,) * 3),
 }
-
-
-def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file, as train.py's --config reads it."""
-    cli.check_config_file(str(path))
-    spec = importlib.util.spec_from_file_location("resnet_jax_convert_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def read_class_names(path: str | None, num_classes: int) -> tuple[str, ...]:
@@ -88,7 +77,7 @@ def convert_file(
         raise weights.WeightsError(f"{out} already holds checkpoints; choose a new --out directory")
     variables = weights.convert(weights.load_state_dict(path), name, source)
     num_classes = int(variables["params"]["fc"]["kernel"].shape[-1])
-    config = load_config(config_path)
+    config = cli.load_config(config_path)
     config.model = name
     config.dataset = "tfds:imagenet2012"
     config.image_size = image_size

@@ -18,10 +18,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from resnet_jax import augment, autoaugment, progress, sources
+from resnet_jax import augment, autoaugment, progress, shards, sources
 from resnet_jax.augment import Example
 
-SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
+SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH", "prepared:DIR")
 STATS_SAMPLES = 256  # examples that estimate mean/std when the dataset's are not known
 
 
@@ -61,7 +61,7 @@ class Dataset:
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split a dataset spec into (kind, argument); raise on anything else."""
     kind, _, arg = str(spec).partition(":")
-    if spec in ("digits", "synthetic") or (kind in ("tfds", "folder") and arg):
+    if spec in ("digits", "synthetic") or (kind in ("tfds", "folder", "prepared") and arg):
         return kind, arg
     raise ValueError(f"dataset={spec!r} is not a dataset spec; use one of: {', '.join(SPEC_FORMS)}")
 
@@ -191,6 +191,8 @@ def load(config: Any) -> Dataset:
             config.train_split,
             config.eval_split,
         )
+    elif kind == "prepared":
+        found = shards.find_prepared(config.dataset, arg)
     else:
         found = sources.find_folder(config.dataset, arg, config.folder_eval_fraction)
     return assemble(found, config.image_size, style, **preprocessing)
@@ -284,6 +286,20 @@ def train_loader(
             return iter(iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
         progress.warn(f"num_workers={num_workers} ignored, loading in threads: {reason}")
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+def close_loader(loader: Iterator[Example]) -> None:
+    """Stop a loader and wait until nothing reads its files any more.
+
+    grain's `close()` stops its worker processes but leaves its read-ahead threads finishing the
+    batches they started; waiting for them lets a caller delete the files right after.
+    """
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
+    executor = getattr(loader, "_executor", None)  # grain's PrefetchDatasetIterator (threads)
+    if executor is not None:
+        executor.shutdown(wait=True)
 
 
 def eval_batches(

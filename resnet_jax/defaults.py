@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ml_collections.config_dict.placeholder(str)
     config.freeze_backbone = False  # linear probing: only fc learns; BatchNorm keeps its loaded statistics
 
-    # Data: digits | synthetic | tfds:NAME | folder:PATH. Classes and image shape come from the data.
+    # Data: digits | synthetic | tfds:NAME | folder:PATH | prepared:DIR. Classes and shape come from the data.
     config.dataset = "tfds:imagenet2012"
     config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data dir (None: tfds default)
     config.image_size = 224

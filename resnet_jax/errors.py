@@ -21,7 +21,11 @@ class ConfigError(UserError, ValueError):
 
 
 class ImageError(UserError, ValueError):
-    """An image file that cannot be read or decoded."""
+    """An image file that cannot be read or decoded; `reason` is the decoder's words alone."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def first_line(text: str, limit: int = 300) -> str:

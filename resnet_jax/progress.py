@@ -150,6 +150,49 @@ class Progress:
             self._bar = _bar = None
 
 
+class Meter:
+    """Progress of a job outside training (images prepared, files read): a tqdm bar with rate and ETA
+    on a terminal, else a line every `every_s` seconds and one at the end."""
+
+    def __init__(self, total: int, unit: str, stream: TextIO | None = None, every_s: float = 30.0):
+        self.total, self.unit, self.every_s = total, unit, every_s
+        self.stream = sys.stderr if stream is None else stream
+        self.count, self._start, self._last_line = 0, time.perf_counter(), time.perf_counter()
+        self._bar: Any = None
+        if total and _is_terminal(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=unit[:-1] if unit.endswith("s") else unit, file=self.stream)
+
+    def update(self, count: int) -> None:
+        """`count`: how many are done so far (not an increment)."""
+        if self._bar is not None:
+            self._bar.update(count - self.count)
+        elif time.perf_counter() - self._last_line >= self.every_s:
+            self._line(count)
+        self.count = count
+
+    def _line(self, count: int) -> None:
+        self._last_line = now = time.perf_counter()
+        rate = count / (now - self._start) if now > self._start else 0.0
+        eta = f", ETA {format_seconds((self.total - count) / rate)}" if rate and count < self.total else ""
+        print(
+            f"{count:,}/{self.total:,} {self.unit} ({100 * count / max(1, self.total):.0f} %), "
+            f"{rate:,.0f} {self.unit}/s{eta}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.total and self.count:
+            self._line(self.count)
+
+
 def _is_terminal(stream: TextIO) -> bool:
     try:
         return stream.isatty() and os.environ.get("TERM") != "dumb"

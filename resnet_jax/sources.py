@@ -16,7 +16,7 @@ import numpy as np
 
 from resnet_jax import augment, progress
 from resnet_jax.augment import Example
-from resnet_jax.errors import UserError
+from resnet_jax.errors import ImageError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 FOLDER_EVAL_DIRS = ("val", "validation", "test")
@@ -102,11 +102,19 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self.source)
 
+    def raw(self, index: int) -> tuple[bytes | np.ndarray, int]:
+        """The stored image (encoded bytes, or pixels where TFDS stores them) and its label."""
+        record = self.source[index]
+        return record[self.image_key], int(record[self.label_key])
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
     def __getitem__(self, index: int) -> Example:
         record = self.source[index]
         image = record[self.image_key]
         if isinstance(image, bytes):
-            image = augment.EncodedImage(image, f"{self.name}[{index}]")
+            image = augment.EncodedImage(image, self.describe(index))
         else:
             image = np.asarray(image, dtype=np.uint8)
             image = image if image.ndim == 3 else image[..., None]
@@ -229,14 +237,22 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def raw(self, index: int) -> tuple[bytes, int]:
+        """The file's bytes as stored, and its label; raises OSError when it cannot be read."""
+        with open(self.paths[index], "rb") as f:
+            return f.read(), int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
     def _read(self, index: int) -> augment.EncodedImage | np.ndarray | None:
         try:
-            with open(self.paths[index], "rb") as f:
-                return augment.encoded_or_decoded(f.read(), self.paths[index])
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
+            return augment.encoded_or_decoded(self.raw(index)[0], self.paths[index])
+        except (OSError, ImageError) as e:
             if index not in self._warned:
                 self._warned.add(index)
-                progress.warn(f"skipping unreadable image {self.paths[index]}: {e}", every_process=True)
+                reason = e.reason if isinstance(e, ImageError) else e
+                progress.warn(f"skipping unreadable image {self.paths[index]}: {reason}", every_process=True)
             return None
 
     def __getitem__(self, index: int) -> Example:

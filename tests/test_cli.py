@@ -91,6 +91,7 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------ one command-line style
 
 TOOLS = ("convert", "evaluate", "predict", "export", "plot", "models", "loader_benchmark", "gradient_flow")
+TOOLS += ("prepare",)
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -160,7 +161,7 @@ def test_train_and_benchmark_share_one_definition_of_the_multi_host_flags():
 
 
 def test_errors_have_the_type_of_their_cause(tmp_path):
-    from resnet_jax import cli, convert, data, errors, predict
+    from resnet_jax import cli, data, errors, predict
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     info = data.load(digits_config()).info
@@ -172,4 +173,4 @@ def test_errors_have_the_type_of_their_cause(tmp_path):
     with pytest.raises(errors.ConfigError, match="config.learning_rate takes a number"):
         cli.apply_config_overrides(config, ["--config.learning_rate=fast"])
     with pytest.raises(errors.ConfigError, match="does not exist"):
-        convert.load_config(tmp_path / "missing.py")
+        cli.load_config(tmp_path / "missing.py")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import re
 import textwrap
 
@@ -12,7 +13,7 @@ from PIL import Image, JpegImagePlugin
 
 from resnet_jax import augment, data, sources, train
 from resnet_jax.config_checks import ConfigError, check_config
-from tests.conftest import ROOT, digits_config, run_script
+from tests.conftest import ROOT, digits_config, module_available, run_script
 
 
 def first_batch(dataset, batch_size=8):
@@ -256,7 +257,9 @@ def test_augmentations_keep_shape_dtype_and_pixels_and_are_seeded():
     shifted = augment.TrainTransform("cifar", 24, 3)({"image": small}, np.random.default_rng(3))["image"]
     allowed = set(np.unique(small)) | {0}  # a crop of the zero-padded image, maybe flipped
     assert set(np.unique(shifted)) <= allowed
-    crops = {augment.random_resized_crop(image, np.random.default_rng(s), 24).tobytes() for s in range(5)}
+    crops = {
+        augment.random_resized_crop_and_flip(image, np.random.default_rng(s), 24).tobytes() for s in range(5)
+    }
     assert len(crops) == 5
 
 
@@ -318,8 +321,8 @@ def test_the_loader_benchmark_prints_a_row_per_worker_count(tmp_path):
         *("--json", str(out)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| cifar 32px | - | 0 | 128 |" in result.stdout
-    (row,) = json.loads(out.read_text())
+    assert "| cifar 32px | - | - | 0 | 128 |" in result.stdout
+    (row,) = json.loads(out.read_text())["rows"]
     assert row["images_per_sec"] > 0 and row["workers"] == 0
 
 
@@ -331,7 +334,7 @@ def test_the_loader_benchmark_times_each_policy_and_decode_on_one_core(tmp_path)
         *("--json", str(out)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    rows = json.loads(out.read_text())["rows"]
     assert [(r["kind"], r["decode"]) for r in rows] == [
         (kind, decode)
         for kind in ("imagenet", "trivialaugment", "randaugment")
@@ -341,6 +344,61 @@ def test_the_loader_benchmark_times_each_policy_and_decode_on_one_core(tmp_path)
     assert "16 JPEG files" in result.stderr and "(1 CPU core)" in result.stdout
     bad = run_script("-m", "resnet_jax.loader_benchmark", "--decode", "lazy")
     assert bad.returncode == 2 and "--decode='lazy' is not valid; choose from: reduced, full" in bad.stderr
+
+
+def test_the_loader_benchmark_times_prepared_files_beside_the_originals_and_says_who_it_feeds(tmp_path):
+    """Prepared shards side by side with the originals, a clean stderr (the loaders are closed before
+    their files go), and the feed table: this host's step measured, a target's bound from a preflight."""
+    preflight_json = tmp_path / "preflight.json"
+    roofline = {"target": "v5p-8", "roofline_images_per_sec": 45315.0, "roofline_bound": "HBM"}
+    preflight_json.write_text(json.dumps({"targets": [roofline]}))
+    out = tmp_path / "loader.json"
+    result = run_script(
+        *("-m", "resnet_jax.loader_benchmark", "--kinds", "imagenet", "--sources", "originals,prepared"),
+        *("--workers", "0", "--cores", "1", "--batches", "2", "--images", "24", "--json", str(out)),
+        *(
+            "--feed",
+            "here,v5p-8",
+            "--feed_config",
+            "configs/digits.py",
+            "--preflight_json",
+            str(preflight_json),
+        ),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert [r["source"] for r in document["rows"]] == ["originals", "prepared S=256 Q=90"]
+    assert document["prepare"]["images"] > 0 and document["prepare"]["images_per_sec_per_process"] > 0
+    noise = [
+        line
+        for line in result.stderr.splitlines()
+        if "skipping" in line or "Traceback" in line or "Warning" in line or "error" in line.lower()
+    ]
+    assert not noise, noise
+    feed = {(r["pipeline"], r["target"]): r for r in document["feed"]}
+    assert len(feed) == 4
+    for (_, target), row in feed.items():
+        assert row["cores_needed"] == -(-row["images_per_sec"] // row["images_per_sec_per_core"])
+        assert row["host_cores"] >= 1
+        if target == "v5p-8":
+            assert row["images_per_sec"] == 45315.0 and "roofline bound (HBM)" in row["from"]
+        else:
+            assert row["images_per_sec"] > 0 and row["from"].startswith("the step measured here (cpu)")
+    assert "| keeps up (" in result.stdout and "an upper limit, not measured" in result.stdout
+
+    if module_available("libtpu"):  # the preflight extra: the bound compiled for the target here
+        result = run_script(
+            *("-m", "resnet_jax.loader_benchmark", "--kinds", "cifar", "--workers", "0", "--batches", "2"),
+            *("--feed", "v5e-8", "--feed_config", "configs/digits.py"),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| v5e-8 |" in result.stdout and "roofline bound (HBM) from the preflight" in result.stdout
+        assert "os.fork" not in result.stderr
+
+    bad = run_script("-m", "resnet_jax.loader_benchmark", "--feed", "v9-8")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown target 'v9-8'" in bad.stderr
+    bad = run_script("-m", "resnet_jax.loader_benchmark", "--quality", "0", "--sources", "prepared")
+    assert bad.returncode == 2 and "--quality=0 must be a JPEG quality in 1..100" in bad.stderr
 
 
 # ---------------------------------------------------------------- lazy decoding
@@ -427,3 +485,20 @@ def test_a_folder_and_a_tfds_dataset_decode_lazily_and_agree(tmp_path):
         assert all(np.array_equal(outputs[0], other) for other in outputs[1:])
     assert first_batch(tfds_ds, 4)["image"].shape == (4, 24, 24, 3)
     assert all_eval_batches(tfds_ds, 4)[0]["image"].shape == (4, 24, 24, 3)
+
+
+def test_a_folder_image_header_is_parsed_once_on_its_way_to_its_crop(tmp_path, monkeypatch):
+    for i in range(4):
+        save(tmp_path / f"class{i % 2}" / f"{i}.jpg", np.full((30, 40, 3), 60 * i, np.uint8), quality=90)
+    config = digits_config(dataset=f"folder:{tmp_path}", folder_eval_fraction=0.5, image_size=16)
+    dataset = data.load(config)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    example = dataset.train_source[0]
+    crop = dataset.train_transform(example, np.random.default_rng(0))["image"]
+    assert len(opened) == 1 and crop.shape == (16, 16, 3)
+    # The parsed header never travels to another process: a copy parses the bytes again, alike.
+    copied = pickle.loads(pickle.dumps(dataset.train_source[0]))
+    assert copied["image"].header is None
+    np.testing.assert_array_equal(dataset.train_transform(copied, np.random.default_rng(0))["image"], crop)
