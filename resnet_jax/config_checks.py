@@ -18,10 +18,8 @@ from typing import Any, ClassVar
 import ml_collections
 import numpy as np
 
-from resnet_jax import augment, autoaugment, data, defaults, models, optim, progress
+from resnet_jax import augment, autoaugment, data, defaults, models, optim, progress, step
 from resnet_jax.errors import ConfigError, check_choice, did_you_mean
-
-LOSSES = ("softmax", "bce")
 
 INT32_MAX = 2**31 - 1  # the step and loss-scale counters are int32 on the device
 INT64_MAX = 2**63 - 1  # jax.random.key takes a seed up to this
@@ -256,7 +254,7 @@ DOMAINS: dict[str, Domain] = {
     "lr_step_epochs": Epochs(),
     "lr_decay_factor": Float("[0, 1]"),
     "lr_power": Float("(0, inf)"),
-    "loss": Choice(LOSSES),
+    "loss": Choice(step.LOSSES),
     "bce_target_threshold": Float("[0, 1)", none="soft targets"),
     "label_smoothing": Float("[0, 1)"),
     "mixup_alpha": Float("[0, inf)", zero="off"),

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     # on: each BatchNorm after a stride-1 1x1 convolution (bottlenecks' last conv, stride-1
     # projections) is computed with that convolution as one: statistics from the input's
     # covariance, normalisation folded into the kernel. The same model up to float rounding, with
-    # 10 % fewer HBM bytes per ResNet-50 image on TPU (docs/benchmarks.md). off: conv, then
+    # fewer HBM bytes per image on TPU (docs/benchmarks.md). off: conv, then
     # nn.BatchNorm. auto: on for TPU meshes only (on GPUs XLA plans more memory for it, not less).
     config.fold_bn = "auto"
 

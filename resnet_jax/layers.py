@@ -62,7 +62,7 @@ def max_pool_torch(x: jax.Array, explicit_padding: bool = False) -> jax.Array:
     """The ImageNet stem's 3x3/2 max-pool with PyTorch's symmetric padding of 1.
 
     The padding belongs to the pooling window, so XLA writes no padded copy of the stem's largest
-    activation (3.3 MB per ResNet-50 image on TPU). `explicit_padding` pads with -inf first and
+    activation (the figure is in docs/benchmarks.md). `explicit_padding` pads with -inf first and
     pools VALID instead: the same numbers, for ONNX converters that drop a pool's own padding.
     """
     if not explicit_padding:

@@ -9,6 +9,7 @@ example stays 1. Evaluation never mixes.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,16 @@ class Mixing:
     @property
     def enabled(self) -> bool:
         return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Mixing:
+        """The config keys `mixup_alpha`, `cutmix_alpha`, `mixup_switch_prob` and `mixup_prob`."""
+        return cls(
+            mixup_alpha=config.mixup_alpha,
+            cutmix_alpha=config.cutmix_alpha,
+            switch_prob=config.mixup_switch_prob,
+            prob=config.mixup_prob,
+        )
 
 
 def cutmix_mask(key: jax.Array, lam: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:

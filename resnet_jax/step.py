@@ -45,9 +45,9 @@ ScaledTrainMetrics = clu_metrics.Collection.create(
 
 def rng_key(seed: int) -> jax.Array:
     """The run's random key. XLA's RngBitGenerator ("rbg") rather than JAX's default threefry: it
-    compiles far faster (a 6-layer ResNet's init: 1.4 s against 8-10 s on this 2-core CPU), and
-    TPUs generate it natively. Its numbers are deterministic for a given program and backend but,
-    unlike threefry's, may differ between backends and JAX versions."""
+    compiles far faster on a CPU (figures in docs/benchmarks.md, "Figures behind the code's
+    choices"), and TPUs generate it natively. Its numbers are deterministic for a given program and
+    backend but, unlike threefry's, may differ between backends and JAX versions."""
     return jax.random.key(seed, impl="rbg")
 
 
@@ -118,8 +118,13 @@ def binary_cross_entropy(
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)
 
 
+LOSSES = ("softmax", "bce")  # config.loss
+
+
 def example_loss(kind: str, label_smoothing: float = 0.0, bce_target_threshold: float | None = None) -> Any:
-    """`config.loss` -> per-example loss(logits, (B, C) targets)."""
+    """`config.loss` (one of `LOSSES`) -> per-example loss(logits, (B, C) targets)."""
+    if kind not in LOSSES:
+        raise ValueError(f"config.loss={kind!r} is not valid; choose one of: {', '.join(LOSSES)}")
     if kind == "bce":
         return lambda logits, targets: binary_cross_entropy(
             logits, targets, label_smoothing, bce_target_threshold
@@ -171,8 +176,8 @@ def global_norm(tree: Any, concatenate: bool = False) -> jax.Array:
 
     Per leaf, XLA fuses each square-sum into the work that already reads the gradient; on TPU the
     concatenation's parameter-sized copy costs more HBM traffic (docs/benchmarks.md). On a CPU the
-    per-leaf reductions are 109 of the ResNet-18 step's 711 fusions and about 10 % of its compile
-    time, so the CPU concatenates.
+    per-leaf reductions are a sizeable share of the step's fusions and compile time (same page),
+    so the CPU concatenates.
     """
     leaves = jax.tree.leaves(tree)
     if concatenate:

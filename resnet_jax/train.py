@@ -42,15 +42,6 @@ from resnet_jax.progress import log
 from resnet_jax.step import TrainState, eval_logits, init_state, rng_key, train_step
 
 
-def mixing_from_config(config: ml_collections.ConfigDict) -> mixing_lib.Mixing:
-    return mixing_lib.Mixing(
-        mixup_alpha=config.mixup_alpha,
-        cutmix_alpha=config.cutmix_alpha,
-        switch_prob=config.mixup_switch_prob,
-        prob=config.mixup_prob,
-    )
-
-
 def run_length(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> tuple[int, int]:
     """(steps per epoch, total steps)."""
     steps_per_epoch = max(1, info.num_train // config.batch_size)
@@ -155,7 +146,7 @@ class CompiledSteps:
                 bce_target_threshold=config.bce_target_threshold,
                 skip_nonfinite=config.skip_nonfinite_steps,
                 grad_accum_steps=config.grad_accum_steps,
-                mixing=mixing_from_config(config),
+                mixing=mixing_lib.Mixing.from_config(config),
                 ema_decay=config.ema_decay,
                 loss_scale_period=config.loss_scale_period,
                 seed=config.seed,

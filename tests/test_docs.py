@@ -1,0 +1,87 @@
+"""The docs' commands still work: every `python ...` command in the code blocks of README.md and
+docs/*.md names a module or script that exists, flags that command has, config keys that exist and
+config files that exist; and each command's `--help` runs."""
+
+import functools
+import importlib.util
+import re
+
+import pytest
+
+from resnet_jax import defaults
+from tests.conftest import ROOT, run_script
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"```(?:bash|sh|shell|console)?\n(.*?)```", re.S)
+PROGRAM = re.compile(r"\bpython3? (-m [\w.]+|[\w./-]+\.py)")
+PLACEHOLDER_KEYS = {"key", "KEY"}  # `--config.KEY=VALUE` in usage lines
+
+
+def doc_commands() -> list[tuple[str, str, str]]:
+    """(doc file, program, the rest of its command) for every python command in a code block."""
+    found = []
+    for path in DOCS:
+        for block in BLOCK.findall(path.read_text()):
+            for line in block.replace("\\\n", " ").splitlines():
+                for segment in re.split(r"&&|\|\||;|\|", line):
+                    match = PROGRAM.search(segment)
+                    if match:
+                        found.append((path.name, match.group(1), segment[match.end() :]))
+    return found
+
+
+COMMANDS = doc_commands()
+PROGRAMS = sorted({program for _, program, _ in COMMANDS})
+
+
+def test_the_docs_have_commands_to_check():
+    assert len(COMMANDS) > 30 and {"train.py", "benchmark.py", "-m resnet_jax.prepare"} <= set(PROGRAMS)
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_every_documented_program_exists(program):
+    if program.startswith("-m "):
+        assert importlib.util.find_spec(program[3:]) is not None, program
+    else:
+        assert (ROOT / program).is_file(), program
+
+
+@functools.cache
+def flags_of(program: str) -> frozenset[str]:
+    """The flags `program --help` lists (absl's `--[no]flag` gives both spellings)."""
+    result = run_script(*program.split(), "--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, f"{program} --help: {result.stderr[-2000:]}"
+    names = set()
+    for negatable, name in re.findall(r"--(\[no\])?([A-Za-z_][\w-]*)", result.stdout):
+        names |= {name, f"no{name}"} if negatable else {name}
+    return frozenset(names | {"help"})
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_every_documented_flag_config_key_and_config_file_exists(program):
+    known_keys = set(defaults.get_config().keys())
+    problems = []
+    for doc, command_program, rest in COMMANDS:
+        if command_program != program:
+            continue
+        for token in re.sub(r"[\[\]\"']", " ", rest).split():  # optional [...] and quotes dropped
+            if token.startswith("--config."):
+                key = token[len("--config.") :].split("=")[0].split(".")[0]
+                if key not in known_keys | PLACEHOLDER_KEYS:
+                    problems.append(f"{doc}: {program} {token}: no config key {key!r}")
+                if "config" not in flags_of(program):
+                    problems.append(f"{doc}: {program} {token}: {program} takes no --config")
+            elif token.startswith("--"):
+                flag = token[2:].split("=")[0]
+                if flag not in flags_of(program):
+                    problems.append(f"{doc}: {program} {token}: not a flag of {program}")
+            if re.fullmatch(r"(--config=)?configs/\w+\.py", token):
+                path = token.removeprefix("--config=")
+                if not (ROOT / path).is_file():
+                    problems.append(f"{doc}: {program}: {path} does not exist")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_cheapest_documented_command_runs():
+    result = run_script("-m", "resnet_jax.models", "--no_flops")
+    assert result.returncode == 0 and "resnet50" in result.stdout, result.stderr[-2000:]
