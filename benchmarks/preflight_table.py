@@ -1,5 +1,5 @@
-"""The README's "Before you rent" table: `python -m resnet_jax.preflight --max_batch` for every
-reference config on the slices and hosts people rent most, one command per config.
+"""docs/preflight.md's table: `python -m resnet_jax.preflight --max_batch` for every reference config
+on the slices and hosts people rent most, one command per config.
 
     python benchmarks/preflight_table.py --out runs/preflight_table [--configs digits,cifar10_resnet20]
 

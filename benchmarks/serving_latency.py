@@ -6,7 +6,7 @@
 Without --workdir the network is randomly initialised (latency does not depend on the weights).
 Each runtime loads the serialized artifact as a server would, runs a few warm-up calls, then times
 `--repeats` calls per batch size; the table gives the median per call and per image. Figures are in
-the README ("Serving a trained model").
+docs/serving.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The quick start: CIFAR ResNet-20 on scikit-learn's bundled 8x8 digits (no download).
 
 1,437 train / 360 test images (fixed stratified split), upsampled to 12x12. Measured on a 2-core
-CPU: see the README for accuracy and wall time.
+CPU: see the README and docs/benchmarks.md for accuracy and wall time.
 """
 
 from configs import default
@@ -23,7 +23,7 @@ def get_config():
     # Two warmup epochs of ten: one more image right than one epoch on seeds 1-3, none worse on 0 and 4.
     config.warmup_epochs = 2.0
     config.weight_decay = 5e-4
-    # A steadier final accuracy over seeds and devices (README, "Measured figures").
+    # A steadier final accuracy over seeds and devices (docs/benchmarks.md, "Measured figures").
     config.label_smoothing = 0.1
     config.log_every_steps = 0
     config.eval_every_steps = 0

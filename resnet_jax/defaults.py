@@ -116,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
     config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
 
-    # Watching a run (README "Watching a run"): progress = auto (a bar on a terminal, else lines) | bar |
+    # Watching a run (docs/training.md): progress = auto (a bar on a terminal, else lines) | bar |
     # lines; eval_images = eval images with predicted labels in TensorBoard after each eval (0: none);
     # profile_steps = "START:END" writes a jax.profiler trace of those steps to WORKDIR/profile ("": off).
     config.progress = "auto"

@@ -85,3 +85,39 @@ def test_every_documented_flag_config_key_and_config_file_exists(program):
 def test_the_cheapest_documented_command_runs():
     result = run_script("-m", "resnet_jax.models", "--no_flops")
     assert result.returncode == 0 and "resnet50" in result.stdout, result.stderr[-2000:]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]{2,}|`", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path) -> set[str]:
+    found, seen = set(), {}
+    in_code = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"#{1,6} ", line):
+            base = slug(line.lstrip("#"))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def test_every_link_between_the_docs_reaches_a_file_and_a_heading():
+    problems = []
+    for path in DOCS:
+        text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                problems.append(f"{path.name}: ({target}): {file_part} does not exist")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                problems.append(f"{path.name}: ({target}): no heading #{anchor} in {linked.name}")
+    assert not problems, "\n".join(problems)
