@@ -183,18 +183,16 @@ def load(config: Any) -> Dataset:
         return load_digits(config.image_size, style, **preprocessing)
     if kind == "synthetic":
         return load_synthetic(config.image_size)
-    if kind == "tfds":
-        found = sources.find_tfds(
-            config.dataset,
-            arg,
-            config.data_dir,
-            config.train_split,
-            config.eval_split,
-        )
-    elif kind == "prepared":
+    if kind == "prepared":
         found = shards.find_prepared(config.dataset, arg)
     else:
-        found = sources.find_folder(config.dataset, arg, config.folder_eval_fraction)
+        found = sources.find(
+            config.dataset,
+            data_dir=config.data_dir,
+            train_split=config.train_split,
+            eval_split=config.eval_split,
+            folder_eval_fraction=config.folder_eval_fraction,
+        )
     return assemble(found, config.image_size, style, **preprocessing)
 
 

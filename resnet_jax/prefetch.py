@@ -12,6 +12,8 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from resnet_jax import data
+
 
 class DevicePrefetch:
     """Wraps a grain iterator of host-local batches; yields `to_device(batch)`, `depth` batches ahead.
@@ -54,7 +56,6 @@ class DevicePrefetch:
             start()
 
     def close(self) -> None:
+        """Close the wrapped loader and wait for its read-ahead (`data.close_loader`)."""
         self.in_flight.clear()
-        close = getattr(self.iterator, "close", None)
-        if close is not None:
-            close()
+        data.close_loader(self.iterator)

@@ -33,6 +33,8 @@ from resnet_jax import augment, cli, data, progress, shards, sources
 from resnet_jax.errors import ImageError, UserError
 
 SHARD_SIZE = 1024  # examples per shard: about 30 MB of ImageNet at S = 256, Q = 90
+# A shard's counts that prepared.json sums per split.
+COUNTED = ("examples", "resized", "kept", "file_bytes", "bytes_in", "bytes_out", "pixels_in", "pixels_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +87,19 @@ class Job:
 def open_source(settings: Settings) -> sources.Found:
     """The dataset as training reads it; in-memory and already prepared specs have nothing to prepare."""
     try:
-        kind, arg = data.parse_spec(settings.spec)
+        kind, _ = data.parse_spec(settings.spec)
     except ValueError as e:
         raise UserError(str(e).replace("dataset=", "--data=")) from None
-    if kind == "folder":
-        return sources.find_folder(settings.spec, arg, settings.folder_eval_fraction)
-    if kind == "tfds":
-        return sources.find_tfds(
-            settings.spec, arg, settings.data_dir, settings.train_split, settings.eval_split
+    if kind not in sources.FILE_SPECS:
+        raise UserError(
+            f"--data={settings.spec!r} holds no image files to prepare; pass folder:PATH or tfds:NAME"
         )
-    raise UserError(
-        f"--data={settings.spec!r} holds no image files to prepare; pass folder:PATH or tfds:NAME"
+    return sources.find(
+        settings.spec,
+        data_dir=settings.data_dir,
+        train_split=settings.train_split,
+        eval_split=settings.eval_split,
+        folder_eval_fraction=settings.folder_eval_fraction,
     )
 
 
@@ -275,20 +279,18 @@ def finished_shards(out: str, settings: Settings, jobs: Sequence[Job]) -> dict[s
 
 def metadata(found: sources.Found, settings: Settings, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """prepared.json: what `prepared:DIR` needs (class names, shards, statistics) and what happened."""
-    splits = {}
-    for split in settings.splits:
-        rows = sorted((s for s in done.values() if s["split"] == split), key=lambda s: s["start"])
-        total = {key: sum(s[key] for s in rows) for key in ("examples", "resized", "kept", "file_bytes")}
-        total |= {
-            key: sum(s[key] for s in rows) for key in ("bytes_in", "bytes_out", "pixels_in", "pixels_out")
-        }
-        splits[split] = {
-            **total,
+    in_order = sorted(done.values(), key=lambda s: s["start"])
+    by_split = {split: [s for s in in_order if s["split"] == split] for split in settings.splits}
+    splits = {
+        split: {
+            **{key: sum(s[key] for s in rows) for key in COUNTED},
             "source_examples": len(found.train if split == "train" else found.eval),
             "corrupt": [c for s in rows for c in s["corrupt"]],
             "shards": [{"file": s["file"], "examples": s["examples"]} for s in rows],
         }
-    train = [s for s in sorted(done.values(), key=lambda s: s["start"]) if s["split"] == "train"]
+        for split, rows in by_split.items()
+    }
+    train = by_split["train"]
     pixels = sum(s["pixels_out"] for s in train) or 1
     mean = np.sum([s["channel_sum"] for s in train], axis=0) / pixels
     squares = np.sum([s["channel_squares"] for s in train], axis=0) / pixels

@@ -97,12 +97,8 @@ def split_paths(path: str, metadata: dict[str, Any], split: str) -> list[str]:
 def original_eval(metadata: dict[str, Any]) -> Sequence[Example]:
     """The source's own eval split, full size, for a folder prepared with `--splits train`."""
     source = metadata["source"]
-    kind, _, arg = source["spec"].partition(":")
-    if kind == "folder":
-        return sources.find_folder(source["spec"], arg, source["folder_eval_fraction"]).eval
-    return sources.find_tfds(
-        source["spec"], arg, source["data_dir"], source["train_split"], source["eval_split"]
-    ).eval
+    options = ("data_dir", "train_split", "eval_split", "folder_eval_fraction")
+    return sources.find(source["spec"], **{key: source[key] for key in options}).eval
 
 
 def find_prepared(spec: str, path: str) -> sources.Found:

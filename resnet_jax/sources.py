@@ -1,8 +1,9 @@
 """Random-access sources behind the dataset specs: in-memory arrays, synthetic, TFDS and image folders.
 
 Every source is a picklable sequence of `{"image": uint8 HWC, "label": int32}` examples (grain's
-`RandomAccessDataSource` protocol), so that grain worker processes can read it. `find_tfds` and
-`find_folder` turn a spec into a `Found` record; `data.load` adds augmentation and statistics.
+`RandomAccessDataSource` protocol), so that grain worker processes can read it. `find` (through
+`find_tfds` and `find_folder`) turns a spec into a `Found` record; `data.load` adds augmentation
+and statistics.
 """
 
 from __future__ import annotations
@@ -312,6 +313,26 @@ def split_per_class(
         evaluation += [(files[i], label) for i in sorted(order[:n_eval])]
         train += [(files[i], label) for i in sorted(order[n_eval:])]
     return train, evaluation
+
+
+FILE_SPECS = ("tfds", "folder")  # the spec kinds whose images are files or records, not arrays
+
+
+def find(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    train_split: str = "train",
+    eval_split: str = "auto",
+    folder_eval_fraction: float = 0.1,
+) -> Found:
+    """A `tfds:NAME` or `folder:PATH` spec's sources, with the config values that apply to it."""
+    kind, _, arg = spec.partition(":")
+    if kind == "tfds":
+        return find_tfds(spec, arg, data_dir, train_split, eval_split)
+    if kind == "folder":
+        return find_folder(spec, arg, folder_eval_fraction)
+    raise DatasetError(f"dataset={spec!r} is not a {' or '.join(FILE_SPECS)} spec")
 
 
 def find_folder(spec: str, path: str, eval_fraction: float) -> Found:
