@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from resnet_jax import checkpoint, data, parallel, train  # noqa: E402
+from resnet_jax import checkpoint, compiled_steps, data, parallel  # noqa: E402
 from resnet_jax.config_checks import check_config  # noqa: E402
 from resnet_jax.step import TrainState  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
     config.update(model=args.model, dataset="synthetic", image_size=32, num_train_steps=10)
     config = check_config(config)
     dataset = data.load(config)
-    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh())
+    steps = compiled_steps.CompiledSteps(config, dataset.info, parallel.create_mesh())
     state = jax.block_until_ready(steps.init(jax.random.key(0)))
     abstract = checkpoint.with_sharding(
         jax.eval_shape(steps.init, jax.random.key(0)), parallel.replicated(steps.mesh)

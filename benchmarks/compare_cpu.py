@@ -5,7 +5,7 @@ Learning"; v1.5 puts the stride on the bottleneck's 3x3): a Flax Linen ResNet
 in the style of the Flax ImageNet example, 'SAME' padding, and a step that does
 only what the maths needs: normalise, forward, cross-entropy, gradients, SGD
 with Nesterov momentum and weight decay on kernels, BatchNorm statistics.
-Ours is `train.CompiledSteps`' step on the `configs/default.py` recipe (the same
+Ours is `compiled_steps.CompiledSteps`' step on the `configs/default.py` recipe (the same
 optimizer) as `benchmark.py` times it, with its extras (metrics, finite checks).
 
 The two are timed in alternating rounds so that a change in the machine's load
@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import default  # noqa: E402
-from resnet_jax import benchmark, data, models, parallel  # noqa: E402
+from resnet_jax import benchmark, costs, data, models, parallel, step_timing  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +143,8 @@ def reference_step(state: dict, batch: dict, model: nn.Module, tx: optax.Gradien
     return {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}, value
 
 
-def compile_reference(setup: Setup, batch: dict) -> benchmark.CompiledCase:
-    """Initialise and compile the reference step, timed like `benchmark.compile_case`."""
+def compile_reference(setup: Setup, batch: dict) -> step_timing.TimedStep:
+    """Initialise and compile the reference step, timed like `step_timing.compile_step`."""
     model = ReferenceResNet(setup.stages, setup.bottleneck, setup.cifar, setup.num_classes)
     decay_kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     tx = optax.chain(
@@ -166,13 +166,12 @@ def compile_reference(setup: Setup, batch: dict) -> benchmark.CompiledCase:
     t2 = time.perf_counter()
     compiled = lowered.compile()
     t3, cpu3 = time.perf_counter(), time.process_time()
-    case = benchmark.Case(setup.model, setup.image_size, "float32", setup.batch_size)
-    return benchmark.CompiledCase(
-        case=case,
+    return step_timing.TimedStep(
         step=compiled,
         state=state,
         batches=itertools.repeat(batch),
         compiled=compiled,
+        flops_per_device=costs.step_flops_per_device(lowered, 1),
         num_params=models.param_count(state["params"]),
         init_seconds=t1 - t0,
         lowering_seconds=t2 - t1,
@@ -188,7 +187,7 @@ def compile_ours(setup: Setup, options: benchmark.Options, mesh: jax.sharding.Me
     dataset = dataclasses.replace(
         dataset, info=dataclasses.replace(dataset.info, num_classes=setup.num_classes)
     )
-    return benchmark.compile_case(case, options, config, dataset, mesh), config
+    return step_timing.compile_step(config, dataset, mesh, seed=options.seed), config
 
 
 # ---------------------------------------------------------------- PyTorch, for context
@@ -320,10 +319,11 @@ def compare(setup: Setup, mesh: jax.sharding.Mesh, with_torch: bool) -> list[dic
             cpu_seconds[key] += time.process_time() - cpu0
             times[key] += round_times[key]
         round_ratios.append(np.median(round_times["reference"]) / np.median(round_times["ours"]))
+    case = benchmark.Case(setup.model, setup.image_size, "float32", setup.batch_size)
     rows = [
         {
             "implementation": name,
-            **benchmark.figures(compiled, times[key], options, config, mesh),
+            **benchmark.figures(case, compiled, times[key], options, config, mesh),
             "speed_vs_reference": ratio,
             "cpu_seconds_per_step": cpu_seconds[key] / len(times[key]),
         }

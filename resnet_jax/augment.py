@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from resnet_jax import autoaugment
 from resnet_jax.errors import ImageError
 
 AUGMENTATIONS = ("auto", "cifar", "imagenet", "shift", "none")
@@ -316,3 +317,38 @@ class EvalTransform:
     def __call__(self, example: Example) -> Example:
         image = as_array(example["image"], self.channels)
         return {**example, "image": resize_shorter_and_center_crop(image, self.size, self.crop)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """The config's preprocessing in one object (`from_config`): the train augmentation's style,
+    policy and erasing, and the eval resize and crop. A new knob is a field here, read by the
+    transforms it makes; `data.assemble` passes it on unchanged."""
+
+    style: str = "auto"  # one of AUGMENTATIONS
+    auto_augment: str = "none"  # autoaugment.POLICIES
+    random_erase_prob: float = 0.0
+    eval_image_size: int = 0  # 0: the train image_size
+    eval_crop_pct: float = 0.0  # 0: IMAGENET_EVAL_CROP for ImageNet-style data, else 1
+
+    @classmethod
+    def from_config(cls, config: Any) -> Preprocessing:
+        return cls(
+            style=config.augment,
+            auto_augment=config.auto_augment,
+            random_erase_prob=config.random_erase_prob,
+            eval_image_size=config.eval_image_size,
+            eval_crop_pct=config.eval_crop_pct,
+        )
+
+    def train_transform(
+        self, style: str, size: int, channels: int, stats: tuple[Any, Any], draft: bool = True
+    ) -> TrainTransform:
+        """The train transform for data resolved to `style`, with its (mean, std): the policy fills
+        with the mean colour, erasing draws noise of the statistics."""
+        mean, std = stats
+        policy = autoaugment.create_policy(self.auto_augment, fill=[round(m) for m in mean])
+        erase = None
+        if self.random_erase_prob > 0:
+            erase = autoaugment.RandomErasing(self.random_erase_prob, mean, std)
+        return TrainTransform(style, size, channels, policy, erase, draft)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -282,9 +283,9 @@ class RandAugment:
         return image
 
 
-def parse_randaugment(spec: str, fill: Sequence[int]) -> RandAugment:
-    """A timm RandAugment string, e.g. `rand-m9-mstd0.5-inc1`: m magnitude, n ops, mstd noise, mmax
-    cap, inc1 the increasing operation list, p probability per operation."""
+def randaugment_settings(spec: str) -> dict[str, Any]:
+    """RandAugment's arguments from a timm string, e.g. `rand-m9-mstd0.5-inc1`: m magnitude, n ops,
+    mstd noise, mmax cap, inc1 the increasing operation list, p probability per operation."""
     parts = spec.split("-")
     options: dict[str, float] = {}
     pattern = re.compile(r"^(mstd|mmax|inc|m|n|p)(inf|[0-9.]+)$")
@@ -299,30 +300,38 @@ def parse_randaugment(spec: str, fill: Sequence[int]) -> RandAugment:
         options[match.group(1)] = float(match.group(2))
     if parts[0] != "rand" or "m" not in options:
         raise ConfigError(f"config.auto_augment={spec!r} needs a magnitude, e.g. rand-m9-mstd0.5")
-    return RandAugment(
+    return dict(
         magnitude=options["m"],
         num_ops=int(options.get("n", 2)),
         magnitude_std=options.get("mstd", 0.0),
         magnitude_max=options.get("mmax", LEVEL_MAX),
         increasing=bool(options.get("inc", 0)),
         prob=options.get("p", 0.5),
-        fill=fill,
     )
+
+
+def policy_settings(spec: str) -> tuple[str, dict[str, Any]]:
+    """`config.auto_augment` read, nothing built: ("none" | "trivialaugment" | "randaugment",
+    RandAugment's arguments); `ConfigError` naming the valid forms when unreadable."""
+    if spec in ("none", "trivialaugment"):
+        return spec, {}
+    if spec == "randaugment":
+        spec = RANDAUGMENT_DEFAULT
+    if spec.startswith("rand-"):
+        return "randaugment", randaugment_settings(spec)
+    raise ConfigError(f"config.auto_augment={spec!r} is not a policy; use one of: {', '.join(POLICIES)}")
 
 
 def create_policy(
     spec: str, fill: Sequence[int]
 ) -> Callable[[Image.Image, np.random.Generator], Image.Image] | None:
     """`config.auto_augment` -> a policy (PIL image, rng) -> PIL image, or None for `none`."""
-    if spec == "none":
+    kind, settings = policy_settings(spec)
+    if kind == "none":
         return None
-    if spec == "trivialaugment":
+    if kind == "trivialaugment":
         return TrivialAugment()
-    if spec == "randaugment":
-        spec = RANDAUGMENT_DEFAULT
-    if spec.startswith("rand-"):
-        return parse_randaugment(spec, fill)
-    raise ConfigError(f"config.auto_augment={spec!r} is not a policy; use one of: {', '.join(POLICIES)}")
+    return RandAugment(**settings, fill=fill)
 
 
 # ---------------------------------------------------------------- random erasing (timm)

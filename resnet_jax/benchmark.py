@@ -1,43 +1,35 @@
 """Throughput, compile time, MFU and memory of the real train (or eval) step.
 
-What is timed is exactly what `train.py` runs: `train.CompiledSteps` builds the model,
+What is timed is exactly what `train.py` runs: `compiled_steps.CompiledSteps` builds the model,
 the optimizer from the config, and the jit-compiled `train_step`/`eval_step` with
-the mesh shardings and buffer donation; this module only feeds it and measures.
-By default the batch is made on the devices (random uint8 images, already
-sharded), so that the figure is the step's alone; `data=SPEC` feeds the same
-step from the real input pipeline instead, to show whether loading keeps up.
-
-Step times come from a loop that keeps one step queued ahead: step i's
-completion is observed after step i+1 was dispatched, so the device never waits
-for the host and the interval between completions is the step time.
+the mesh shardings and buffer donation. This module plans the sweep, checks it before
+anything compiles, and turns the times (`step_timing`) and XLA's counts (`costs`) into one row
+per configuration.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax import data, models, parallel, targets, train
+from resnet_jax import costs, data, models, parallel, tables
+from resnet_jax import progress as progress_lib
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.errors import UserError, check_choice
-from resnet_jax.step import rng_key
+from resnet_jax.step_timing import TimedStep, compile_step
 
 MODES = ("train", "eval")
 DEVICE_DATA = "device"  # the `data` value of rows whose batches were made on the devices
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring event of a persistent-cache hit
 
 
 class BenchmarkError(UserError, ValueError):
@@ -179,59 +171,6 @@ def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
 # ---------------------------------------------------------------- figures
 
 
-def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
-    """Advertised dense peak FLOP/s of one device for `dtype` (`targets.ACCELERATORS`); None if unknown."""
-    accelerator = targets.accelerator_for_kind(device_kind)
-    return accelerator.peak_flops.get(dtype) if accelerator else None
-
-
-def step_flops_per_device(lowered: jax.stages.Lowered, num_devices: int) -> float | None:
-    """The model FLOPs of one step on one device: XLA's count of the lowered program over the devices.
-
-    Counted before compilation (`models.xla_flops`): the lowered program is the whole step, the
-    same on every backend, while a GPU's compiled cost analysis omits the cuDNN convolutions (on an
-    H200 it gave 1/55 of the ResNet-50 step's FLOPs). The step is data-parallel, so each device does
-    a 1/N share (the replicated optimizer update, a sliver of the total, is counted once).
-    """
-    flops = models.xla_flops(lowered)
-    return flops / num_devices if flops else None
-
-
-def mfu(flops_per_device: float | None, step_seconds: float, peak_per_device: float | None) -> float | None:
-    """Model FLOP utilisation: achieved FLOP/s of one device over its peak; None if either is unknown."""
-    if not flops_per_device or not peak_per_device or step_seconds <= 0:
-        return None
-    return flops_per_device / step_seconds / peak_per_device
-
-
-def peak_memory_bytes(devices: Sequence[jax.Device]) -> int | None:
-    """The process's high-water mark of device memory (the largest over local devices), if reported.
-
-    Backends cannot reset it, so in a sweep it is the largest of this and earlier configurations.
-    """
-    peaks = []
-    for device in devices:
-        try:
-            stats = device.memory_stats()
-        except Exception:  # noqa: BLE001 - not implemented on some backends
-            stats = None
-        if stats and "peak_bytes_in_use" in stats:
-            peaks.append(int(stats["peak_bytes_in_use"]))
-    return max(peaks) if peaks else None
-
-
-def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """Per-device memory the compiled step needs (arguments + outputs + temporaries - donated)."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:
-        return None
-    if m is None:
-        return None
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return int(total)
-
-
 def environment(devices: Sequence[jax.Device]) -> dict[str, Any]:
     """Where the figures were taken: device kind and count, processes, library versions."""
     import flax
@@ -249,179 +188,15 @@ def environment(devices: Sequence[jax.Device]) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- running
-
-
-def progress(message: str) -> None:
-    """Progress goes to stderr (process 0), so that stdout holds only the table."""
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-def synthetic_batch(
-    key: jax.Array, *, batch_size: int, image_shape: tuple[int, ...], num_classes: int, mask: bool
-) -> dict[str, jax.Array]:
-    """Random uint8 images and labels shaped like the loader's batches (with eval's mask if asked)."""
-    image_key, label_key = jax.random.split(key)
-    batch = {
-        "image": jax.random.bits(image_key, (batch_size, *image_shape), jnp.uint8),
-        "label": jax.random.randint(label_key, (batch_size,), 0, num_classes, jnp.int32),
-    }
-    if mask:
-        batch["mask"] = jnp.ones((batch_size,), jnp.float32)
-    return batch
-
-
-def device_batches(steps: train.CompiledSteps, batch_size: int, seed: int, mask: bool) -> Iterator[dict]:
-    """One batch made on the devices, already sharded like the step's input, then repeated."""
-    info = steps.info
-    make = jax.jit(
-        functools.partial(
-            synthetic_batch,
-            batch_size=batch_size,
-            image_shape=info.eval_image_shape if mask else info.image_shape,
-            num_classes=info.num_classes,
-            mask=mask,
-        ),
-        out_shardings=steps.batch_sharding,
-    )
-    return itertools.repeat(jax.block_until_ready(make(jax.random.key(seed))))
-
-
-def pipeline_batches(
-    steps: train.CompiledSteps, dataset: data.Dataset, config: ml_collections.ConfigDict, mode: str
-) -> Iterator[dict]:
-    """Batches from the real input pipeline, turned into global arrays like `train.py` does (for
-    training: its loader, workers and device prefetch)."""
-    count, index = jax.process_count(), jax.process_index()
-    if mode == "train":
-        return (batch for _, batch in train.device_batches(steps, dataset))
-    else:
-        local = itertools.chain.from_iterable(
-            data.eval_batches(
-                dataset, global_batch_size=config.batch_size, process_index=index, process_count=count
-            )
-            for _ in itertools.count()
-        )
-    return (parallel.to_global(batch, steps.batch_sharding) for batch in local)
-
-
-@contextlib.contextmanager
-def count_cache_hits() -> Iterator[list[str]]:
-    """The persistent compilation cache's hits while the block runs, from JAX's monitoring events."""
-    hits: list[str] = []
-
-    def listener(event: str, **_: Any) -> None:
-        if event == CACHE_HIT_EVENT:
-            hits.append(event)
-
-    jax.monitoring.register_event_listener(listener)
-    try:
-        yield hits
-    finally:
-        jax.monitoring.unregister_event_listener(listener)
-
-
-def time_steps(
-    step: Callable[[Any, dict], tuple[Any, Any]], state: Any, batches: Iterator[dict], steps: int
-) -> tuple[Any, list[float]]:
-    """Run `steps` steps with one queued ahead; return the final state and each step's seconds."""
-    times: list[float] = []
-    if steps < 1:
-        return state, times
-    pending = None
-    last = report = time.perf_counter()
-    for i in range(steps):
-        state, out = step(state, next(batches))
-        if pending is not None:
-            jax.block_until_ready(pending)
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-            if now - report > 10:
-                progress(f"    step {i}/{steps}: {times[-1] * 1e3:.1f} ms")
-                report = now
-        pending = out
-    jax.block_until_ready(pending)
-    times.append(time.perf_counter() - last)
-    return state, times
-
-
-@dataclasses.dataclass
-class CompiledCase:
-    """One configuration compiled and ready to time; `state` is replaced by every timed run."""
-
-    case: Case
-    step: Callable[[Any, dict], tuple[Any, Any]]  # (state, batch) -> (state, outputs)
-    state: Any
-    batches: Iterator[dict]
-    compiled: jax.stages.Compiled
-    flops_per_device: float | None  # model FLOPs of one step on one device
-    num_params: int
-    init_seconds: float
-    lowering_seconds: float
-    xla_compile_seconds: float
-    compile_cache_hit: bool = False  # loaded from the persistent cache: the compile time is a load time
-    compile_cpu_seconds: float | None = None  # process CPU time of lowering + compiling (all threads)
-
-    def run(self, steps: int) -> list[float]:
-        """Time `steps` steps (carrying the state on, since the step donates it)."""
-        self.state, times = time_steps(self.step, self.state, self.batches, steps)
-        return times
-
-
-def compile_case(
-    case: Case,
-    options: Options,
-    config: ml_collections.ConfigDict,
-    dataset: data.Dataset,
-    mesh: jax.sharding.Mesh,
-) -> CompiledCase:
-    """Build the compiled steps, initialise the state, make the input, and lower + compile the step."""
-    steps = train.CompiledSteps(config, dataset.info, mesh)
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(steps.init(rng_key(options.seed)))
-    init_seconds = time.perf_counter() - t0
-
-    train_mode = options.mode == "train"
-    if options.data is None:
-        batches = device_batches(steps, case.batch_size, options.seed, mask=not train_mode)
-    else:
-        batches = pipeline_batches(steps, dataset, config, options.mode)
-    first = next(batches)
-
-    jitted = steps.train_step if train_mode else steps.eval_step
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    lowered = jitted.lower(state, first)
-    t1 = time.perf_counter()
-    with count_cache_hits() as hits:
-        compiled = lowered.compile()
-    t2, cpu2 = time.perf_counter(), time.process_time()
-    return CompiledCase(
-        case=case,
-        step=compiled if train_mode else (lambda s, b: (s, compiled(s, b))),
-        state=state,
-        batches=itertools.chain([first], batches),
-        compiled=compiled,
-        flops_per_device=step_flops_per_device(lowered, mesh.devices.size),
-        num_params=models.param_count(state.params),
-        init_seconds=init_seconds,
-        lowering_seconds=t1 - t0,
-        xla_compile_seconds=t2 - t1,
-        compile_cache_hit=bool(hits),
-        compile_cpu_seconds=cpu2 - cpu0,
-    )
-
-
 def figures(
-    compiled: CompiledCase,
+    case: Case,
+    compiled: TimedStep,
     times: Sequence[float],
     options: Options,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, Any]:
     """The row of one configuration from its compiled step and its step times."""
-    case = compiled.case
     seconds = np.asarray(times)
     step_seconds = float(seconds.mean())
     devices = mesh.devices.size
@@ -429,7 +204,7 @@ def figures(
     env = environment(list(mesh.devices.flat))
     peak = options.peak_tflops * 1e12 if options.peak_tflops else None
     if peak is None and "," not in env["device_kind"]:
-        peak = peak_flops_per_device(env["device_kind"], case.dtype)
+        peak = costs.peak_flops_per_device(env["device_kind"], case.dtype)
     images_per_sec = case.batch_size / step_seconds
     return {
         "model": case.model,
@@ -458,11 +233,16 @@ def figures(
         "flops_per_image": flops * devices / case.batch_size if flops else None,
         "tflops_per_sec_per_device": flops / step_seconds / 1e12 if flops else None,
         "peak_tflops_per_device": peak / 1e12 if peak else None,
-        "mfu": mfu(flops, step_seconds, peak),
-        "peak_memory_bytes": peak_memory_bytes(jax.local_devices()),
-        "compiled_memory_bytes": compiled_memory_bytes(compiled.compiled),
+        "mfu": costs.mfu(flops, step_seconds, peak),
+        "peak_memory_bytes": costs.peak_memory_bytes(jax.local_devices()),
+        "compiled_memory_bytes": costs.compiled_memory_bytes(compiled.compiled),
         **env,
     }
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr (process 0), so that stdout holds only the table."""
+    progress_lib.log(message, file=sys.stderr)
 
 
 def run_case(
@@ -473,7 +253,9 @@ def run_case(
     mesh: jax.sharding.Mesh,
 ) -> dict[str, Any]:
     """Compile, warm up and time one configuration; return its row of figures."""
-    compiled = compile_case(case, options, config, dataset, mesh)
+    compiled = compile_step(
+        config, dataset, mesh, mode=options.mode, seed=options.seed, pipeline=options.data is not None
+    )
     progress(
         f"    {'loaded from the compilation cache' if compiled.compile_cache_hit else 'compiled'} in "
         f"{compiled.lowering_seconds + compiled.xla_compile_seconds:.1f}s "
@@ -482,7 +264,7 @@ def run_case(
     if options.warmup_steps:
         compiled.run(options.warmup_steps)
     progress(f"    timing {options.steps} steps")
-    return figures(compiled, compiled.run(options.steps), options, config, mesh)
+    return figures(case, compiled, compiled.run(options.steps), options, config, mesh)
 
 
 def describe_case(case: Case, options: Options, mesh: jax.sharding.Mesh) -> str:
@@ -539,45 +321,11 @@ def run(
 
 # ---------------------------------------------------------------- output
 
-TABLE_COLUMNS = [
-    ("model", "model", "{}"),
-    ("mode", "mode", "{}"),
-    ("batch", "batch_size", "{}"),
-    ("/dev", "per_device_batch_size", "{}"),
-    ("px", "image_size", "{}"),
-    ("dtype", "dtype", "{}"),
-    ("img/s", "images_per_sec", "{:.1f}"),
-    ("img/s/dev", "images_per_sec_per_device", "{:.1f}"),
-    ("median ms", "step_time_median_ms", "{:.1f}"),
-    ("p90 ms", "step_time_p90_ms", "{:.1f}"),
-    ("compile s", "compile_seconds", "{:.1f}"),
-    ("cached", "compile_cache_hit", "yesno"),
-    ("TFLOP/s/dev", "tflops_per_sec_per_device", "{:.2f}"),
-    ("MFU", "mfu", "{:.1%}"),
-    ("peak mem GiB", "peak_memory_bytes", "gib"),
-]
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if fmt == "gib":
-        return f"{value / 2**30:.2f}"
-    if fmt == "yesno":
-        return "yes" if value else "no"
-    return fmt.format(value)
-
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one line per configuration, with where it was measured underneath."""
-    header = [title for title, _, _ in TABLE_COLUMNS]
-    body = [[_cell(row.get(key), fmt) for _, key, fmt in TABLE_COLUMNS] for row in rows]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    align = lambda cells: "  ".join(
-        c.ljust(w) if i < 2 or header[i] == "dtype" else c.rjust(w)
-        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-    )
-    lines = [align(header), *(align(r) for r in body)]
+    header, body = tables.cells(tables.BENCHMARK_COLUMNS, rows)
+    lines = tables.text(header, body, left=("model", "mode", "dtype")).splitlines()
     if rows:
         r = rows[0]
         lines.append(
@@ -620,11 +368,11 @@ def main(
 
     def write_so_far(row: dict[str, Any]) -> None:
         measured.append(row)
-        if json_path and parallel.is_primary():
+        if json_path and progress_lib.is_primary():
             write_json(json_path, measured, flags)
 
     rows = run(options, base_config, on_row=write_so_far)
-    if parallel.is_primary():
+    if progress_lib.is_primary():
         print(format_table(rows), flush=True)
         if json_path:
             progress(f"wrote {len(rows)} row(s) to {json_path}")

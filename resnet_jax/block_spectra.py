@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import gradient_flow, spectra
+from resnet_jax import gradient_norms, spectra
 from resnet_jax.layers import Identity
 
 
@@ -35,7 +35,7 @@ def block_modules(model: nn.Module, variables: Any, images: jax.Array, train: bo
     modules: dict[str, nn.Module] = {}
 
     def record(call: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if gradient_flow.is_block_call(context):
+        if gradient_norms.is_block_call(context):
             modules[context.module.name] = context.module.clone(parent=None)
         return call(*args, **kwargs)
 
@@ -56,7 +56,7 @@ def block_inputs(
 
     def record(call: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
         out = call(*args, **kwargs)
-        if gradient_flow.is_block_call(context):
+        if gradient_norms.is_block_call(context):
             inputs[context.module.name] = args[0]
             outputs.append(out)
         return out
@@ -119,13 +119,13 @@ def boundary_gradient_norms(
     last = list(block_modules(model, variables, images, train))[-1]
 
     def loss_fn(at_inputs: dict[str, jax.Array], at_output: dict[str, jax.Array]) -> jax.Array:
-        return gradient_flow.batch_loss(model, variables, images, labels, at_inputs, at_output, train)[0]
+        return gradient_norms.batch_loss(model, variables, images, labels, at_inputs, at_output, train)[0]
 
     loss, (g_in, g_out) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
         zeros(inputs), {last: zeros(last_output)}
     )
-    norms = {name: gradient_flow.robust_norm(g) for name, g in g_in.items()}
-    return loss, norms, gradient_flow.robust_norm(g_out[last])
+    norms = {name: gradient_norms.robust_norm(g) for name, g in g_in.items()}
+    return loss, norms, gradient_norms.robust_norm(g_out[last])
 
 
 def network_spectra(

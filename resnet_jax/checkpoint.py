@@ -212,6 +212,7 @@ class Checkpoints:
         checked first, so that a checkpoint of another model, or one whose optimizer state a config
         change reshaped, is refused with a clear error instead of being mistaken for a broken one.
         `explain_layout(saved_config, saved_layout)` names the config keys behind a layout change.
+        The restored items then hold "config_changes": the changes `check_compatible` allowed.
         """
         for step in reversed(self.steps()):
             try:
@@ -220,16 +221,21 @@ class Checkpoints:
             except Exception as e:
                 self._report_broken(step, e)
                 continue
+            changes = None
             if config is not None:
-                check_compatible(saved_config, config, step, self.directory)
+                changes = check_compatible(saved_config, config, step, self.directory)
                 difference = layout_difference(saved_layout, leaf_layout(abstract_state))
                 if difference:
                     keys = explain_layout(saved_config, saved_layout) if explain_layout else []
                     raise layout_error(step, self.workdir, difference, keys, saved_config, config)
             try:
-                return step, self.restore(step, abstract_state, data_iterator)
+                items = self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # truncated, deleted or garbled files
                 self._report_broken(step, e)
+                continue
+            if changes is not None:
+                items["config_changes"] = changes
+            return step, items
         return None
 
     def _report_broken(self, step: int, error: Exception) -> None:
@@ -241,7 +247,7 @@ class Checkpoints:
 
     def _move_aside(self, step: int) -> str:
         target = os.path.join(self.workdir, "broken_checkpoints", str(step))
-        if jax.process_index() == 0:
+        if progress.is_primary():
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)
             shutil.move(os.path.join(self.directory, str(step)), target)

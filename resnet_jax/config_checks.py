@@ -200,10 +200,6 @@ class Epochs(Domain):
             raise self.error(key, value, config, " (lr_schedule='step' needs at least one)")
 
 
-def _auto_augment_policy(spec: str) -> None:
-    autoaugment.create_policy(spec, fill=(0, 0, 0))
-
-
 # Every key of defaults.py, in its order (a key bounded by another comes after it).
 DOMAINS: dict[str, Domain] = {
     "model": Choice(models.names),
@@ -216,7 +212,7 @@ DOMAINS: dict[str, Domain] = {
     "data_dir": Text(words="a directory", empty="the tfds default", none="the tfds default"),
     "image_size": Int(1, MAX_IMAGE_SIZE),
     "augment": Choice(augment.AUGMENTATIONS),
-    "auto_augment": Text(words="a policy", parse=_auto_augment_policy),
+    "auto_augment": Text(words="a policy", parse=autoaugment.policy_settings),
     "random_erase_prob": Float("[0, 1]", zero="off"),
     "repeated_aug": Int(1, MAX_REPEATS),
     "eval_image_size": Int(0, MAX_IMAGE_SIZE, zero="image_size"),

@@ -18,7 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from resnet_jax import augment, autoaugment, progress, shards, sources
+from resnet_jax import augment, parallel, progress, shards, sources
 from resnet_jax.augment import Example
 
 SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH", "prepared:DIR")
@@ -82,7 +82,7 @@ def estimate_stats(
     return channel_stats(np.stack([transform(source[int(i)])["image"] for i in indices]))
 
 
-def load_digits(image_size: int, augment_style: str = "auto", **preprocessing: Any) -> Dataset:
+def load_digits(image_size: int, preprocessing: augment.Preprocessing | None = None) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 real images); fixed stratified 80/20 split."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
@@ -102,7 +102,7 @@ def load_digits(image_size: int, augment_style: str = "auto", **preprocessing: A
         source_size=image_size,
         stats=channel_stats(train_x),  # exact: the whole train split is in memory
     )
-    return assemble(found, image_size, augment_style, **preprocessing)
+    return assemble(found, image_size, preprocessing)
 
 
 # ImageNet-sized epochs so that epoch-based schedules look like the real run.
@@ -122,29 +122,25 @@ def load_synthetic(image_size: int) -> Dataset:
         source_size=image_size,
         stats=SYNTHETIC_STATS,
     )
-    return assemble(found, image_size, "none")
+    return assemble(found, image_size, augment.Preprocessing(style="none"))
 
 
 def assemble(
     found: sources.Found,
     image_size: int,
-    augment_style: str,
-    *,
-    auto_augment: str = "none",
-    random_erase_prob: float = 0.0,
-    eval_image_size: int = 0,
-    eval_crop_pct: float = 0.0,
+    preprocessing: augment.Preprocessing | None = None,
     draft: bool = True,
 ) -> Dataset:
-    """Sources + the augmentation for the data and size + statistics -> a `Dataset`.
+    """Sources + the preprocessing for the data and size + statistics -> a `Dataset`.
 
-    `auto_augment` and `random_erase_prob` add a policy and random erasing after the style's crop
-    and flip; `eval_image_size` (0: `image_size`) and `eval_crop_pct` (0: 0.875 for ImageNet-style
-    data, else 1) set the eval preprocessing, e.g. testing above the train resolution (FixRes).
+    The style's crop and flip, then the policy and random erasing, for training; for eval the
+    shorter side to `eval_image_size` / `eval_crop_pct` (0: 0.875 for ImageNet-style data, else 1)
+    and the central square, e.g. testing above the train resolution (FixRes).
     """
-    style = augment.choose(augment_style, found.name, found.source_size, image_size)
-    crop = eval_crop_pct or (augment.IMAGENET_EVAL_CROP if style == "imagenet" else 1.0)
-    eval_size = eval_image_size or image_size
+    p = preprocessing or augment.Preprocessing()
+    style = augment.choose(p.style, found.name, found.source_size, image_size)
+    crop = p.eval_crop_pct or (augment.IMAGENET_EVAL_CROP if style == "imagenet" else 1.0)
+    eval_size = eval_side(image_size, p.eval_image_size)
     eval_transform = augment.EvalTransform(eval_size, found.channels, crop)
     mean, std = found.stats or estimate_stats(found.train, eval_transform)
     info = DatasetInfo(
@@ -160,10 +156,13 @@ def assemble(
         augment=style,
         eval_image_shape=(eval_size, eval_size, found.channels),
     )
-    policy = autoaugment.create_policy(auto_augment, fill=[round(m) for m in mean])
-    erase = autoaugment.RandomErasing(random_erase_prob, mean, std) if random_erase_prob > 0 else None
-    train_transform = augment.TrainTransform(style, image_size, found.channels, policy, erase, draft)
+    train_transform = p.train_transform(style, image_size, found.channels, (mean, std), draft)
     return Dataset(info, found.train, found.eval, train_transform, eval_transform)
+
+
+def eval_side(image_size: int, eval_image_size: int = 0) -> int:
+    """The side of eval images: `config.eval_image_size`, or the train `image_size` when it is 0."""
+    return eval_image_size or image_size
 
 
 def load(config: Any) -> Dataset:
@@ -172,15 +171,9 @@ def load(config: Any) -> Dataset:
     Raises `sources.DatasetError` (a ValueError) with a message that says what is wrong and how to fix it.
     """
     kind, arg = parse_spec(config.dataset)
-    style = config.augment
-    preprocessing = dict(
-        auto_augment=config.auto_augment,
-        random_erase_prob=config.random_erase_prob,
-        eval_image_size=config.eval_image_size,
-        eval_crop_pct=config.eval_crop_pct,
-    )
+    preprocessing = augment.Preprocessing.from_config(config)
     if kind == "digits":
-        return load_digits(config.image_size, style, **preprocessing)
+        return load_digits(config.image_size, preprocessing)
     if kind == "synthetic":
         return load_synthetic(config.image_size)
     if kind == "prepared":
@@ -193,7 +186,7 @@ def load(config: Any) -> Dataset:
             eval_split=config.eval_split,
             folder_eval_fraction=config.folder_eval_fraction,
         )
-    return assemble(found, config.image_size, style, **preprocessing)
+    return assemble(found, config.image_size, preprocessing)
 
 
 def write_class_names(info: DatasetInfo, workdir: str) -> str:
@@ -268,7 +261,7 @@ def train_loader(
     decode and augment; the batches (and the checkpointable iterator state) are the same as without.
     `repeats` k > 1 is repeated augmentation (`RepeatedExamples`).
     """
-    local_batch = global_batch_size // process_count
+    local_batch = parallel.local_batch_size(global_batch_size, process_count)
     ds = grain.MapDataset.source(dataset.train_source).seed(seed).shuffle().repeat(None)
     if repeats > 1:
         repeated = RepeatedExamples(ds, len(dataset.train_source), repeats)
@@ -326,6 +319,6 @@ def eval_batches(
     ds = (
         grain.MapDataset.range(num_batches * global_batch_size)[process_index::process_count]
         .map(example)
-        .batch(global_batch_size // process_count, batch_fn=stack_examples)
+        .batch(parallel.local_batch_size(global_batch_size, process_count), batch_fn=stack_examples)
     )
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))

@@ -1,7 +1,9 @@
 """Every config key with its default: ResNet-50 on ImageNet with the Goyal et al. (2017) SGD recipe.
 
 `config_checks.check_config` completes any config from these defaults and rejects keys that are
-not here, so this is the one list of keys. `configs/default.py` is this config; the other files in
+not here, so this is the one list of keys. The valid names of a key with choices live in the
+registry named beside it (and `config_checks.DOMAINS`); docs/training.md lists them, and its test
+checks that the list is complete. `configs/default.py` is this config; the other files in
 `configs/` start from it and change a few fields. Every key can be overridden on the command line:
 `--config.batch_size=128`.
 """
@@ -11,24 +13,21 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Model: a registry name (python -c "from resnet_jax import models; print(models.names())").
-    config.model = "resnet50"
-    config.dtype = "float32"  # compute dtype; params stay float32
+    config.model = "resnet50"  # models.MODELS (`python -m resnet_jax.models` lists them)
+    config.dtype = "float32"  # models.DTYPES: the compute dtype; params stay float32
     config.zero_init_residual = True  # last BatchNorm scale of each residual branch starts at 0
-    config.activation = "relu"  # relu | tanh | sigmoid
+    config.activation = "relu"  # models.ACTIVATIONS
     # Fine-tuning: start from the weights in this directory (`python -m resnet_jax.convert` output or a
     # training workdir) when the workdir has no checkpoint yet; a classifier of another size starts fresh.
     config.init_from = ml_collections.config_dict.placeholder(str)
     config.freeze_backbone = False  # linear probing: only fc learns; BatchNorm keeps its loaded statistics
 
-    # Data: digits | synthetic | tfds:NAME | folder:PATH | prepared:DIR. Classes and shape come from the data.
+    # Data: a dataset spec (data.SPEC_FORMS). Classes and shape come from the data.
     config.dataset = "tfds:imagenet2012"
     config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data dir (None: tfds default)
     config.image_size = 224
-    config.augment = "auto"  # auto | cifar | imagenet | shift | none (auto: by dataset and image size)
-    # After the crop and flip (resnet_jax/autoaugment.py): none | trivialaugment (torchvision's
-    # TrivialAugmentWide) | randaugment (= rand-m9-mstd0.5) | a timm string such as rand-m7-mstd0.5-inc1.
-    config.auto_augment = "none"
+    config.augment = "auto"  # augment.AUGMENTATIONS (auto: by dataset and image size)
+    config.auto_augment = "none"  # autoaugment.POLICIES: a policy after the crop and flip
     config.random_erase_prob = 0.0  # timm's random erasing with per-pixel noise, after the policy
     # Repeated augmentation: k > 1 shows each epoch N / k images k times, differently augmented.
     config.repeated_aug = 1
@@ -48,20 +47,18 @@ def get_config() -> ml_collections.ConfigDict:
     # BatchNorm statistics in training: 0 = over the whole (micro-)batch on all devices ("sync BN");
     # k = over groups of k examples, like per-device BN in pmap codes (k must divide each device's share).
     config.bn_group_size = 0
-    # on: each BatchNorm after a stride-1 1x1 convolution (bottlenecks' last conv, stride-1
-    # projections) is computed with that convolution as one: statistics from the input's
-    # covariance, normalisation folded into the kernel. The same model up to float rounding, with
-    # fewer HBM bytes per image on TPU (docs/benchmarks.md). off: conv, then
-    # nn.BatchNorm. auto: on for TPU meshes only (on GPUs XLA plans more memory for it, not less).
+    # models.FOLD_BN. on: each BatchNorm after a stride-1 1x1 convolution (bottlenecks' last conv,
+    # stride-1 projections) is computed with that convolution as one: statistics from the input's
+    # covariance, normalisation folded into the kernel; the same model up to float rounding.
+    # off: conv, then nn.BatchNorm. auto: on for TPU meshes only (docs/benchmarks.md says why).
     config.fold_bn = "auto"
 
     # Length: num_train_steps > 0 overrides num_epochs.
     config.num_epochs = 90.0
     config.num_train_steps = -1
 
-    # Optimisation (resnet_jax/optim.py): sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw
-    # | lars | lamb. learning_rate and weight_decay left at None take the optimizer's defaults
-    # (optim.DEFAULT_LEARNING_RATES / DEFAULT_WEIGHT_DECAYS; nesterov: 0.1 and 1e-4). The learning
+    # Optimisation: optim.OPTIMIZERS. learning_rate and weight_decay left at None take the
+    # optimizer's defaults (optim.DEFAULT_LEARNING_RATES / DEFAULT_WEIGHT_DECAYS). The learning
     # rate is for the global batch.
     config.optimizer = "nesterov"
     config.learning_rate = ml_collections.config_dict.placeholder(float)
@@ -73,22 +70,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.adagrad_initial_accumulator = 0.1
     config.trust_coefficient = ml_collections.config_dict.placeholder(float)  # lars 1e-3, lamb 1.0
     config.weight_decay = ml_collections.config_dict.placeholder(float)
-    config.weight_decay_mode = "auto"  # coupled (L2) | decoupled | auto (decoupled for adamw/lars/lamb)
-    config.weight_decay_mask = "kernels"  # kernels (conv and dense) | all
+    config.weight_decay_mode = "auto"  # optim.WEIGHT_DECAY_MODES (auto: decoupled for adamw/lars/lamb)
+    config.weight_decay_mask = "kernels"  # optim.WEIGHT_DECAY_MASKS (kernels: conv and dense)
     config.grad_clip_norm = 0.0  # 0: no clipping
 
-    # Schedule: constant | step | cosine | linear | polynomial | onecycle, after a warmup.
-    config.lr_schedule = "cosine"
+    config.lr_schedule = "cosine"  # optim.SCHEDULES, after a warmup
     config.warmup_epochs = 5.0  # clipped to the run's length
-    config.warmup_style = "linear"  # linear: from warmup_factor x lr up to lr; constant: at it
+    config.warmup_style = "linear"  # optim.WARMUP_STYLES (linear: from warmup_factor x lr up to lr)
     config.warmup_factor = 0.0
     config.lr_end_factor = 0.0  # cosine/linear/polynomial end at this x lr
     config.lr_step_epochs = (30, 60, 80)  # step: multiply by lr_decay_factor at these epochs
     config.lr_decay_factor = 0.1
     config.lr_power = 2.0  # polynomial
 
-    # Loss: softmax (cross-entropy) | bce (per-class sigmoid binary cross-entropy, averaged over the
-    # classes, as timm's BinaryCrossEntropy; with bce_target_threshold, targets above it become 1).
+    # Loss: step.LOSSES (bce: per-class sigmoid binary cross-entropy as timm's; with
+    # bce_target_threshold, targets above it become 1).
     config.loss = "softmax"
     config.bce_target_threshold = ml_collections.config_dict.placeholder(float)
 
@@ -116,9 +112,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
     config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
 
-    # Watching a run (docs/training.md): progress = auto (a bar on a terminal, else lines) | bar |
-    # lines; eval_images = eval images with predicted labels in TensorBoard after each eval (0: none);
-    # profile_steps = "START:END" writes a jax.profiler trace of those steps to WORKDIR/profile ("": off).
+    # Watching a run (docs/training.md): progress = progress.PROGRESS_MODES (auto: a bar on a
+    # terminal, else lines); eval_images = eval images with predicted labels in TensorBoard after
+    # each eval (0: none); profile_steps = "START:END" writes a jax.profiler trace of those steps
+    # to WORKDIR/profile ("": off).
     config.progress = "auto"
     config.eval_images = 8
     config.profile_steps = ""

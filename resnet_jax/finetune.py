@@ -62,30 +62,42 @@ def transfer(
     return result
 
 
-def load_pretrained(directory: str) -> tuple[str, dict[str, Any]]:
-    """(model name, `{'params', 'batch_stats'}`) of the latest checkpoint in `directory`: the output
-    of `python -m resnet_jax.convert` or a training workdir."""
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """The weights of `config.init_from`, read once before anything compiles: a wrong directory or
+    another model is refused early, and the data is normalised like the weights' own."""
+
+    directory: str
+    model: str
+    variables: dict[str, Any]  # params and batch_stats
+    mean: tuple[float, ...]  # the input statistics the weights were trained with
+    std: tuple[float, ...]
+
+
+def load_pretrained(directory: str, model_name: str) -> Pretrained:
+    """The latest checkpoint in `directory` (the output of `python -m resnet_jax.convert` or a
+    training workdir), which must hold `model_name` weights; `WeightsError` otherwise."""
     try:
         trained = load_trained(directory)
     except checkpoint.CheckpointError as e:
         raise WeightsError(f"config.init_from={directory!r}: {e}") from None
-    return trained.config.model, {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
+    if trained.config.model != model_name:
+        raise WeightsError(
+            f"config.init_from={directory!r} holds {trained.config.model} weights and "
+            f"config.model={model_name!r}; set config.model={trained.config.model!r}"
+        )
+    variables = {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
+    return Pretrained(directory, model_name, variables, tuple(trained.info.mean), tuple(trained.info.std))
 
 
-def with_pretrained_normalization(dataset: Any, directory: str, log: Callable[[str], None]) -> Any:
-    """`dataset` normalised like the data the weights in `directory` were trained on.
+def with_pretrained_normalization(dataset: Any, pretrained: Pretrained, log: Callable[[str], None]) -> Any:
+    """`dataset` normalised like the data the `pretrained` weights were trained on.
 
     Pretrained features expect their own input statistics (ImageNet's mean/std for torchvision
     weights); a folder's own statistics would shift every activation, which a frozen backbone
     (linear probing) cannot undo. Keeps the dataset's statistics when the channel counts differ.
-    A directory without a checkpoint raises `WeightsError` here, before anything is compiled.
     """
-    try:  # also the early check of config.init_from, before anything compiles
-        checkpoints = checkpoint.Checkpoints(directory, read_only=True)
-        saved = checkpoints.read_json(checkpoints.resolve("latest"), "dataset")
-    except checkpoint.CheckpointError as e:
-        raise WeightsError(f"config.init_from={directory!r}: {e}") from None
-    mean, std = tuple(saved["mean"]), tuple(saved["std"])
+    mean, std = pretrained.mean, pretrained.std
     if len(mean) != len(dataset.info.mean):
         return dataset
     log(f"normalising inputs like the pretrained weights: mean {mean}, std {std}")
@@ -93,23 +105,17 @@ def with_pretrained_normalization(dataset: Any, directory: str, log: Callable[[s
 
 
 def start_from_pretrained(
-    state: Any, directory: str, model_name: str, tx: optax.GradientTransformation, log: Callable[[str], None]
+    state: Any, pretrained: Pretrained, tx: optax.GradientTransformation, log: Callable[[str], None]
 ) -> Any:
-    """A fresh `TrainState` whose weights come from `directory` (see `transfer`); the optimizer state
+    """A fresh `TrainState` whose weights come from `pretrained` (see `transfer`); the optimizer state
     (and the EMA, if the run keeps one) start from them. Arrays keep the fresh state's shardings."""
-    pretrained_name, pretrained = load_pretrained(directory)
-    if pretrained_name != model_name:
-        raise WeightsError(
-            f"config.init_from={directory!r} holds {pretrained_name} weights and "
-            f"config.model={model_name!r}; set config.model={pretrained_name!r}"
-        )
     fresh = {"params": state.params, "batch_stats": state.batch_stats}
     variables = jax.tree.map(
         lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-        transfer(pretrained, fresh, log),
+        transfer(pretrained.variables, fresh, log),
         fresh,
     )
-    log(f"initialised from the {pretrained_name} weights in {directory}")
+    log(f"initialised from the {pretrained.model} weights in {pretrained.directory}")
     pretrained_state = step.state_from_variables(variables, tx, ema=bool(state.ema))
     return pretrained_state.replace(step=state.step, loss_scale=state.loss_scale)
 

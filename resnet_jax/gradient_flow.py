@@ -1,20 +1,10 @@
-"""Gradient flow through plain and residual networks, measured with `jax.grad`.
+"""The gradient-flow study: plain, v1 and pre-activation nets measured (`gradient_norms`) at
+initialisation and after K training steps on one fixed probe batch, with the training loss of
+every step (He et al. 2016's degradation experiment on data we have), and verdicts computed from
+the numbers.
 
-Backprop through a residual block y = x + F(x) gives dL/dx = dL/dy (I + dF/dx): the identity
-term carries the gradient even where dF/dx is small, while a plain stack multiplies Jacobians.
-For plain (`plainN`), v1 residual (`resnetN`, activation after the sum) and pre-activation
-(`preact_resnetN`, a clean identity path) nets this module records, at initialisation and after
-K training steps on one fixed probe batch:
-
-- the gradient norm of every main-path weight layer (stem conv, block convs, classifier), in
-  forward order, and of the projection-shortcut convs;
-- the gradient norm of the activation entering every block (a zero perturbation added there by a
-  Flax method interceptor, differentiated like any other input);
-- the gradient norm that reaches the input image;
-
-and the training loss of every step (He et al. 2016's degradation experiment on data we have).
-`python -m resnet_jax.gradient_flow --out DIR` writes `gradient_flow.json`, PNG plots and a
-summary whose statements are computed from the measured numbers.
+`python -m resnet_jax.gradient_flow --out DIR` writes `gradient_flow.json`, a summary and the PNG
+plots (`study_plots`).
 """
 
 from __future__ import annotations
@@ -24,211 +14,29 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import flags
-from flax import traverse_util
 
-from resnet_jax import cli, data, defaults, models, optim
+from resnet_jax import cli, data, defaults, models, optim, parallel, study_plots, tables
 from resnet_jax.config_checks import check_config
 from resnet_jax.errors import check_choice
-from resnet_jax.step import TrainState, cross_entropy, init_state, normalize, rng_key
+from resnet_jax.gradient_norms import FAMILIES, check_nets, model_name, profiler, ratio
+from resnet_jax.step import init_state, normalize, rng_key, train_step
 
-FAMILIES = ("plain", "resnet", "preact_resnet")
 # A net "vanishes" (or "explodes") when the first conv's weight gradient is this many times smaller
 # (larger) than the last conv's: a hundredfold change across the depth, not noise between layers.
 VANISH_RATIO = 1e-2
 EXPLODE_RATIO = 1e2
 # "Trains worse": the deeper net's final loss exceeds the shallower one's by both margins.
 WORSE_RELATIVE, WORSE_ABSOLUTE = 0.10, 0.01
-
-
-def model_name(family: str, depth: int) -> str:
-    """Registry name of a study model, checked against the registry."""
-    check_choice("family", family, FAMILIES)
-    name = f"{family}{depth}"
-    check_choice("model", name, models.names())
-    return name
-
-
-# ---------------------------------------------------------------- measuring one batch
-
-
-def robust_norm(x: jax.Array) -> jax.Array:
-    """L2 norm scaled by max|x| first, so that gradients near 1e-20 do not square to zero in float32."""
-    peak = jnp.max(jnp.abs(x))
-    scale = jnp.where(peak > 0, peak, 1.0)
-    return scale * jnp.sqrt(jnp.sum(jnp.square(x / scale)))
-
-
-def is_block_call(context: Any) -> bool:
-    return context.method_name == "__call__" and isinstance(context.module, models.BasicBlock)
-
-
-def block_input_shapes(module: nn.Module, variables: Any, images: jax.Array) -> dict[str, tuple[int, ...]]:
-    """Per-example shape of the activation entering each block, in forward order (nothing is computed)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(call: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if is_block_call(context):
-            shapes[context.module.name] = tuple(args[0].shape[1:])
-        return call(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, images)
-    return shapes
-
-
-def batch_loss(
-    module: nn.Module,
-    variables: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    block_perturbations: dict[str, jax.Array] | None = None,
-    output_perturbations: dict[str, jax.Array] | None = None,
-    train: bool = True,
-) -> tuple[jax.Array, Any]:
-    """Mean cross-entropy and the new batch_stats, in train mode (batch statistics, as in training)
-    unless `train` is False (running statistics, batch_stats unchanged).
-
-    `block_perturbations[name]` is added to the input of block `name`, `output_perturbations[name]`
-    to its output: differentiating with respect to a zero perturbation gives the gradient of the
-    loss with respect to that activation.
-    """
-    inputs, outputs = block_perturbations or {}, output_perturbations or {}
-
-    def perturb(call: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
-        if not is_block_call(context):
-            return call(*args, **kwargs)
-        name = context.module.name
-        if name in inputs:
-            args = (args[0] + inputs[name], *args[1:])
-        out = call(*args, **kwargs)
-        return out + outputs[name] if name in outputs else out
-
-    with nn.intercept_methods(perturb):
-        if not train:
-            return cross_entropy(module.apply(variables, images, train=False), labels).mean(), {}
-        logits, updates = module.apply(variables, images, train=True, mutable=["batch_stats"])
-    return cross_entropy(logits, labels).mean(), updates.get("batch_stats", {})
-
-
-def loss_and_gradient_norms(
-    module: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    block_shapes: dict[str, tuple[int, ...]],
-) -> tuple[Any, Any, dict[str, Any]]:
-    """(new batch_stats, parameter gradients, norms): one `jax.value_and_grad` for everything measured.
-
-    norms: `loss`, `input` (dL/d image), `blocks` (dL/d block input) and `kernels` (dL/dW per layer).
-    """
-    zeros = {name: jnp.zeros((images.shape[0], *shape), images.dtype) for name, shape in block_shapes.items()}
-    loss_fn = lambda p, x, e: batch_loss(module, {"params": p, "batch_stats": batch_stats}, x, labels, e)
-    (loss, new_stats), (param_grads, image_grads, block_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1, 2), has_aux=True
-    )(params, images, zeros)
-    kernels = {
-        "/".join(path[:-1]): robust_norm(grad)
-        for path, grad in traverse_util.flatten_dict(param_grads).items()
-        if path[-1] == "kernel"
-    }
-    norms = {
-        "loss": loss,
-        "input": robust_norm(image_grads),
-        "blocks": {name: robust_norm(grad) for name, grad in block_grads.items()},
-        "kernels": kernels,
-    }
-    return new_stats, param_grads, norms
-
-
-def _layer_order(name: str) -> tuple[int, ...]:
-    """Forward order of a kernel: stem, then block by block (convK in order), then fc."""
-    path = name.split("/")
-    if path[0] == "conv1":
-        return (0, 0, 0, 0)
-    if path[0] == "fc":
-        return (2, 0, 0, 0)
-    stage, block = re.fullmatch(r"layer(\d+)_(\d+)", path[0]).groups()
-    conv = 0 if path[1] == "shortcut" else int(path[1].removeprefix("conv"))
-    return (1, int(stage), int(block), conv)
-
-
-def read_profile(norms: dict[str, Any], block_names: Iterable[str]) -> dict[str, Any]:
-    """Host-side profile from `loss_and_gradient_norms`' norms, layers in forward order.
-
-    `layers` is the main path (stem conv, block convs, fc: as many as the net's depth);
-    `first_last_ratio` is |dL/dW| of the first conv over that of the last conv on it: far below 1
-    the gradient vanishes on its way to the input, far above 1 it explodes.
-    """
-    norms = jax.device_get(norms)
-    kernels = sorted(norms["kernels"], key=_layer_order)
-    entry = lambda name, value: {"name": name, "grad_norm": float(value)}
-    layers = [entry(name, norms["kernels"][name]) for name in kernels if "shortcut" not in name]
-    convs = [layer for layer in layers if layer["name"] != "fc"]
-    return {
-        "loss": float(norms["loss"]),
-        "input_grad_norm": float(norms["input"]),
-        "first_last_ratio": _ratio(convs[0]["grad_norm"], convs[-1]["grad_norm"]),
-        "layers": layers,
-        "shortcut_convs": [entry(name, norms["kernels"][name]) for name in kernels if "shortcut" in name],
-        "block_inputs": [entry(name, norms["blocks"][name]) for name in block_names],
-    }
-
-
-def gradient_profile(
-    module: nn.Module, variables: Any, images: jax.Array, labels: jax.Array
-) -> dict[str, Any]:
-    """Every gradient statistic of one batch of (normalised) images at the given variables."""
-    shapes = block_input_shapes(module, variables, images)
-    measure = jax.jit(functools.partial(loss_and_gradient_norms, module, block_shapes=shapes))
-    _, _, norms = measure(variables["params"], variables.get("batch_stats", {}), images, labels)
-    return read_profile(norms, shapes)
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else math.inf
-
-
-def flow_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    *,
-    module: nn.Module,
-    tx: optax.GradientTransformation,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    block_shapes: dict[str, tuple[int, ...]],
-) -> tuple[TrainState, dict[str, Any]]:
-    """An optimizer step that also returns the gradient norms of its batch.
-
-    On the probe batch, with the new state thrown away, it is a measurement; one compiled function
-    serves both, which halves the compile time of the study on a CPU.
-    """
-    images = normalize(batch["image"], mean, std)
-    batch_stats, grads, norms = loss_and_gradient_norms(
-        module, state.params, state.batch_stats, images, batch["label"], block_shapes
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-    )
-    return new_state, norms
 
 
 # ---------------------------------------------------------------- the study
@@ -274,30 +82,40 @@ def run_model(
 
     Zero-init of the residual branches is off: every family starts from He et al.'s
     initialisation, so the residual branches are live at step 0. The init key is an `rbg` key,
-    which compiles faster than threefry on a CPU (`step.rng_key`).
+    which compiles faster than threefry on a CPU (`step.rng_key`). The nets train with the
+    library's `train_step` (plain cross-entropy, no mixing); the probe batch is measured apart, by
+    one compiled `gradient_norms.profiler` before and after training.
     """
     info = dataset.info
     name = model_name(family, depth)
     module = models.create(name, info.num_classes, norm=norm, activation=activation, zero_init_residual=False)
-    steps = config.num_train_steps
-    tx, _ = optim.create(config, max(1, info.num_train // config.batch_size), steps)
-    key = rng_key(config.seed)
-    state = jax.jit(functools.partial(init_state, module, tx, info.image_shape))(key)
+    sizes = parallel.run_sizes(config, info.num_train)
+    steps = sizes.total_steps
+    tx, schedule = optim.create(config, sizes.steps_per_epoch, steps)
+    state = jax.jit(functools.partial(init_state, module, tx, info.image_shape))(rng_key(config.seed))
     probe = probe_batch(dataset, config.batch_size)
-    shapes = block_input_shapes(
-        module, {"params": state.params, "batch_stats": state.batch_stats}, probe["image"]
-    )
+    variables = lambda state: {"params": state.params, "batch_stats": state.batch_stats}
+    images = normalize(probe["image"], info.mean, info.std)
+    profile = profiler(module, variables(state), images, probe["label"])
+    at_init = profile(variables(state))
     step = jax.jit(
-        functools.partial(flow_step, module=module, tx=tx, mean=info.mean, std=info.std, block_shapes=shapes)
+        functools.partial(
+            train_step,
+            model=module,
+            tx=tx,
+            schedule=schedule,
+            mean=info.mean,
+            std=info.std,
+            concat_grad_norm=jax.default_backend() == "cpu",
+        )
     )
-    at_init = read_profile(step(state, probe)[1], shapes)
     batches = data.train_loader(dataset, global_batch_size=config.batch_size, seed=config.seed)
-    losses = []
+    history = []
     for _ in range(steps):
-        state, norms = step(state, next(batches))
-        losses.append(norms["loss"])
-    losses = [float(x) for x in jax.device_get(losses)]
-    trained = read_profile(step(state, probe)[1], shapes)
+        state, metrics = step(state, next(batches))
+        history.append(metrics.loss)
+    losses = [float(loss.compute()) for loss in jax.device_get(history)]
+    trained = profile(variables(state))
     return {
         "model": name,
         "family": family,
@@ -333,12 +151,7 @@ def run_study(
     """
     log = log or functools.partial(print, flush=True)
     config = config or study_config()
-    for family, depth in itertools.product(families, depths):
-        model_name(family, depth)
-    for norm in norms:
-        check_choice("norm", norm, models.NORMS)
-    for activation in activations:
-        check_choice("activation", activation, tuple(models.ACTIVATIONS))
+    check_nets(families, depths, norms, activations)
     dataset = data.load(config)
     if config.batch_size > dataset.info.num_train:
         raise ValueError(
@@ -386,18 +199,15 @@ def _loss(x: float) -> str:
 
 def summary_table(runs: Iterable[dict[str, Any]]) -> str:
     """Markdown: depth x family x norm x activation -> input gradient, first/last ratio, final loss."""
-    lines = [
-        "| model | norm | activation | \\|dL/dx\\| at init | first/last at init | first/last trained "
-        "| final train loss |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    header = ["model", "norm", "activation", "\\|dL/dx\\| at init"]
+    header += ["first/last at init", "first/last trained", "final train loss"]
+    body = [
+        [r["model"], r["norm"], r["activation"], _fmt(r["init"]["input_grad_norm"])]
+        + [_fmt(r[when]["first_last_ratio"]) for when in ("init", "trained")]
+        + [_loss(r["final_train_loss"])]
+        for r in runs
     ]
-    for r in runs:
-        lines.append(
-            f"| {r['model']} | {r['norm']} | {r['activation']} | {_fmt(r['init']['input_grad_norm'])} "
-            f"| {_fmt(r['init']['first_last_ratio'])} | {_fmt(r['trained']['first_last_ratio'])} "
-            f"| {_loss(r['final_train_loss'])} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(tables.markdown(header, body))
 
 
 def _flow_verdict(ratio: float) -> str:
@@ -417,16 +227,16 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         if r["family"] != "plain":
             continue
-        ratio = r["init"]["first_last_ratio"]
+        first_last = r["init"]["first_last_ratio"]
         line = (
             f"{r['model']} (norm={r['norm']}, {r['activation']}): at initialisation the gradients "
-            f"{_flow_verdict(ratio)} (first/last conv gradient ratio {_fmt(ratio)}"
+            f"{_flow_verdict(first_last)} (first/last conv gradient ratio {_fmt(first_last)}"
         )
         reference = by_key.get(("preact_resnet", r["depth"], r["norm"], r["activation"]))
         if reference:
             mine, theirs = r["init"]["input_grad_norm"], reference["init"]["input_grad_norm"]
             line += f"; |dL/dx| {_fmt(mine)} vs {_fmt(theirs)} for {reference['model']}"
-            line += f", ratio {_fmt(_ratio(mine, theirs))}"
+            line += f", ratio {_fmt(ratio(mine, theirs))}"
         findings.append(line + ").")
 
     degradation = []
@@ -486,82 +296,6 @@ def summary_text(document: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
-# ---------------------------------------------------------------- plots
-
-
-def plot(document: dict[str, Any], out_dir: str) -> list[str]:
-    """gradient_norms.png, block_input_gradients.png, training_loss.png; a panel per setting and depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = document["runs"]
-    settings = sorted({(r["norm"], r["activation"]) for r in runs})
-    depths = sorted({r["depth"] for r in runs})
-    colors = {family: f"C{i}" for i, family in enumerate(FAMILIES)}
-    paths = []
-
-    def grid(columns: Sequence[Any]) -> tuple[Any, np.ndarray]:
-        fig, axes = plt.subplots(
-            len(settings), len(columns), figsize=(4.2 * len(columns), 3.2 * len(settings)), squeeze=False
-        )
-        return fig, axes
-
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-
-    for key, filename, xlabel in (
-        ("layers", "gradient_norms.png", "weight layer (1 = stem conv, last = fc)"),
-        ("block_inputs", "block_input_gradients.png", "block"),
-    ):
-        fig, axes = grid(depths)
-        for (row, (norm, activation)), (col, depth) in itertools.product(
-            enumerate(settings), enumerate(depths)
-        ):
-            ax = axes[row, col]
-            for r in runs:
-                if (r["norm"], r["activation"], r["depth"]) != (norm, activation, depth):
-                    continue
-                for when, style in (("init", "-"), ("trained", "--")):
-                    values = [
-                        entry["grad_norm"] if entry["grad_norm"] > 0 else np.nan for entry in r[when][key]
-                    ]
-                    label = f"{r['family']} ({'init' if when == 'init' else 'trained'})"
-                    ax.plot(range(1, len(values) + 1), values, style, color=colors[r["family"]], label=label)
-            ax.set_yscale("log")
-            ax.set_title(f"depth {depth}, norm={norm}, {activation}", fontsize=9)
-            ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel("gradient norm", fontsize=8)
-        axes[0, 0].legend(fontsize=7)
-        save(fig, filename)
-
-    fig, axes = grid([None])
-    styles = {depth: style for depth, style in zip(depths, ("-", "--", ":", "-."), strict=False)}
-    for row, (norm, activation) in enumerate(settings):
-        ax = axes[row, 0]
-        for r in runs:
-            if (r["norm"], r["activation"]) == (norm, activation):
-                ax.plot(
-                    range(1, len(r["train_loss"]) + 1),
-                    r["train_loss"],
-                    styles.get(r["depth"], "-"),
-                    color=colors[r["family"]],
-                    label=r["model"],
-                    linewidth=1,
-                )
-        ax.set_yscale("log")
-        ax.set_title(f"training loss, norm={norm}, {activation}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=7)
-    save(fig, "training_loss.png")
-    return paths
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -616,15 +350,21 @@ def study_main(args: Any, depths: list[int]) -> None:
         seed=args.seed,
     )
     document = run_study(depths, args.families, args.norm, args.activation, config)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gradient_flow.json"), "w") as f:
+    write_study(args.out, "gradient_flow", document, summary_text(document), study_plots.plot_gradient_flow)
+
+
+def write_study(
+    out_dir: str, name: str, document: dict[str, Any], text: str, plot: Callable[[dict[str, Any], str], Any]
+) -> None:
+    """out_dir/NAME.json (non-finite numbers as null), summary.md and the figures; prints the summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(finite_or_none(document), f, indent=1)
-    text = summary_text(document)
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(text)
-    plot(document, args.out)
+    plot(document, out_dir)
     print(text, end="")
-    print(f"wrote gradient_flow.json, summary.md and plots to {args.out}")
+    print(f"wrote {name}.json, summary.md and plots to {out_dir}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 from resnet_jax import checkpoint, data, metrics, models, parallel
 from resnet_jax.cli import apply_config_overrides
 from resnet_jax.config_checks import check_config, complete_config
-from resnet_jax.errors import ConfigError
 from resnet_jax.step import TrainState, eval_step
 
 EvalStep = Callable[[TrainState, dict[str, jax.Array]], metrics.EvalMetrics]
@@ -27,10 +26,7 @@ def eval_batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh |
     """`config.eval_batch_size`, or `batch_size` when it is 0; checked to split over `mesh` if given."""
     size = config.eval_batch_size or config.batch_size
     if mesh is not None:
-        try:
-            parallel.check_batch_size("config.eval_batch_size", size, mesh)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        parallel.check_batch_size("config.eval_batch_size", size, mesh)
     return size
 
 

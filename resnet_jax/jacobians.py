@@ -4,7 +4,7 @@ and after training with the library's recipe, against depth and the measured gra
 `python -m resnet_jax.jacobians --out DIR` measures every net's blocks (`block_spectra`) at
 initialisation and, for `--train_depths`, trains it with the recipe (`degradation`: He et al.'s
 degradation experiment) and measures it again, then writes jacobians.json, summary.md (statements
-computed from the numbers) and the plots (`jacobian_plots`).
+computed from the numbers) and the plots (`study_plots`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import json
 import math
 import os
 import sys
@@ -28,19 +27,20 @@ import numpy as np
 from resnet_jax import (
     block_spectra,
     cli,
+    compiled_steps,
     data,
     degradation,
     gradient_flow,
-    jacobian_plots,
     models,
     optim,
-    train,
+    study_plots,
+    tables,
 )
 from resnet_jax.config_checks import check_config
 from resnet_jax.errors import UserError, check_choice
+from resnet_jax.gradient_norms import FAMILIES, check_nets, model_name
 from resnet_jax.step import normalize, rng_key
 
-FAMILIES = gradient_flow.FAMILIES
 MODES = ("train", "eval")
 # "Around 1": a residual block's top singular value within this factor of 1 (either way).
 IDENTITY_BAND = 2.0
@@ -68,8 +68,9 @@ def probe(dataset: data.Dataset, size: int) -> tuple[jax.Array, jax.Array]:
 
 def initial_variables(config: ml_collections.ConfigDict, info: data.DatasetInfo, model: nn.Module) -> Any:
     """The variables a `train.py` run of `config` starts from (same init function and key)."""
-    tx, _ = optim.create(config, *train.run_length(config, info))
-    state = jax.jit(train.state_initializer(config, info, model, tx))(rng_key(config.seed))
+    sizes = compiled_steps.run_sizes(config, info)
+    tx, _ = optim.create(config, sizes.steps_per_epoch, sizes.total_steps)
+    state = jax.jit(compiled_steps.state_initializer(config, info, model, tx))(rng_key(config.seed))
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -87,7 +88,7 @@ def run_net(
 ) -> dict[str, Any]:
     """Spectra at initialisation; with `train_dir` (and BatchNorm, which the recipe has) the net is
     also trained by the recipe in train_dir/MODEL and measured again."""
-    name = gradient_flow.model_name(family, depth)
+    name = model_name(family, depth)
     config = degradation.run_config(recipe, name, activation)
     info = dataset.info
     model = models.create(
@@ -136,12 +137,7 @@ def run_study(
     log = log or functools.partial(print, flush=True)
     for depth in depths:
         check_choice("--depths", depth, cifar_depths())
-    for family, depth in itertools.product(families, depths):
-        gradient_flow.model_name(family, depth)
-    for norm in norms:
-        check_choice("--norm", norm, models.NORMS)
-    for activation in activations:
-        check_choice("--activation", activation, tuple(models.ACTIVATIONS))
+    check_nets(families, depths, norms, activations)
     check_choice("--mode", mode, MODES)
     for key, value in (("--iterations", iterations), ("--probes", probes), ("--probe_size", probe_size)):
         if value < 1:
@@ -257,11 +253,9 @@ def _setting(run: dict[str, Any]) -> str:
 
 def summary_table(runs: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per net and state."""
-    lines = [
-        "| model | setting | state | top σ median (min..max) | RMS σ median | bound / measured "
-        "| RMS product / measured | train error | eval accuracy |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    header = ["model", "setting", "state", "top σ median (min..max)", "RMS σ median", "bound / measured"]
+    header += ["RMS product / measured", "train error", "eval accuracy"]
+    body = []
     for r in runs:
         for when in ("init", "trained"):
             if r[when] is None:
@@ -272,13 +266,13 @@ def summary_table(runs: Sequence[dict[str, Any]]) -> str:
                 r[when]["product"],
             )
             training = (r["training"] or {}) if when == "trained" else {}
-            error, accuracy = training.get("train_error"), training.get("eval_accuracy")
-            lines.append(
-                f"| {r['model']} | {_setting(r)} | {when} | {_fmt(top['median'])} ({_fmt(top['min'])}.."
-                f"{_fmt(top['max'])}) | {_fmt(rms['median'])} | {_fmt(p['bound_over_measured'])} "
-                f"| {_fmt(p['rms_over_measured'])} | {_percent(error)} | {_percent(accuracy)} |"
+            band = f"{_fmt(top['median'])} ({_fmt(top['min'])}..{_fmt(top['max'])})"
+            body.append(
+                [r["model"], _setting(r), when, band, _fmt(rms["median"]), _fmt(p["bound_over_measured"])]
+                + [_fmt(p["rms_over_measured"]), _percent(training.get("train_error"))]
+                + [_percent(training.get("eval_accuracy"))]
             )
-    return "\n".join(lines)
+    return "\n".join(tables.markdown(header, body))
 
 
 def summary_text(document: dict[str, Any]) -> str:
@@ -376,14 +370,9 @@ def main(argv: Sequence[str]) -> int:
             raise UserError(f"--out={FLAGS.out!r} is a file; pass a folder (it is created if missing)")
         os.makedirs(FLAGS.out, exist_ok=True)
         document = run_study(depths, train_depths=trained, out_dir=FLAGS.out, **options)
-        with open(os.path.join(FLAGS.out, "jacobians.json"), "w") as f:
-            json.dump(gradient_flow.finite_or_none(document), f, indent=1)
-        text = summary_text(document)
-        with open(os.path.join(FLAGS.out, "summary.md"), "w") as f:
-            f.write(text)
-        jacobian_plots.plot(document, FLAGS.out)
-        print(text, end="")
-        print(f"wrote jacobians.json, summary.md and plots to {FLAGS.out}")
+        gradient_flow.write_study(
+            FLAGS.out, "jacobians", document, summary_text(document), study_plots.plot_jacobians
+        )
 
     return cli.run(work)
 

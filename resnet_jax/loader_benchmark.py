@@ -38,7 +38,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from resnet_jax import cli, data, prepare, shards, sources, targets
+from resnet_jax import augment, cli, data, prepare, shards, sources, targets
 from resnet_jax.errors import UserError
 
 KINDS = {
@@ -69,7 +69,7 @@ def cifar_like(num_images: int) -> data.Dataset:
         source_size=32,
         stats=data.SYNTHETIC_STATS,
     )
-    return data.assemble(found, 32, "cifar")
+    return data.assemble(found, 32, augment.Preprocessing(style="cifar"))
 
 
 def imagenet_like_size(rng: np.random.Generator) -> tuple[int, int]:
@@ -129,9 +129,8 @@ def jpeg_dataset(root: str, kind: str, decode: str) -> data.Dataset:
         found = shards.find_prepared(f"prepared:{root}", root)
     else:
         found = sources.find_folder(f"folder:{root}", root, 0.1)
-    return data.assemble(
-        found, size, style, auto_augment=policy, random_erase_prob=erase, draft=decode == "reduced"
-    )
+    preprocessing = augment.Preprocessing(style=style, auto_augment=policy, random_erase_prob=erase)
+    return data.assemble(found, size, preprocessing, draft=decode == "reduced")
 
 
 def pin_to_cores(count: int) -> list[int]:

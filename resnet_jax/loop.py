@@ -65,16 +65,20 @@ class ThroughputWindow:
         """Leave `seconds` (an evaluation, a checkpoint) out of the window's time."""
         self.start += seconds
 
-    def summary(self) -> dict[str, float]:
-        """`train_*` means of the window, plus steps/s and images/s; then a new window starts."""
-        scalars = metrics.summarize(metrics.merge_all(self.pending), "train")
+    def summary(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """`train_*` means of the window plus steps/s and images/s, and the learning rate of each of
+        its steps (a writer's `history`: the log step's rate alone makes a curve too sparse to read);
+        then a new window starts."""
+        fetched = jax.device_get(self.pending)
+        scalars = metrics.summarize(metrics.merge_all(fetched), "train")
+        history = {"learning_rate": [float(m.learning_rate.compute()) for m in fetched]}
         elapsed = self.clock() - self.start
         if self.steps and elapsed > 0:
             scalars["steps_per_sec"] = self.steps / elapsed
             scalars["images_per_sec"] = self.steps * self.batch_size / elapsed
         self.pending = []
         self.restart_clock()
-        return scalars
+        return scalars, history
 
 
 class NonFiniteError(UserError, RuntimeError):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import linen as nn
 
-from resnet_jax import cli
+from resnet_jax import cli, costs
 from resnet_jax.errors import check_choice
 from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part of the models API)
     PRE_ACTIVATION,
@@ -174,69 +174,108 @@ _IMAGENET_STAGES = {
     152: ((3, 8, 36, 3), BottleneckBlock),
     200: ((3, 24, 36, 3), BottleneckBlock),
 }
-# He et al. 2016, Sec. 4.2: 6n+2 layers, 16/32/64 filters, option-A shortcuts.
-_CIFAR_DEPTHS = (20, 32, 44, 56, 110)
-# torchvision's wide and grouped bottleneck nets: name -> (depth, groups, base width).
-_WIDE_AND_GROUPED = {
-    "wide_resnet50_2": (50, 1, 128),
-    "wide_resnet101_2": (101, 1, 128),
-    "resnext50_32x4d": (50, 32, 4),
-    "resnext101_32x8d": (101, 32, 8),
-    "resnext101_64x4d": (101, 64, 4),
-}
-# Zagoruyko & Komodakis (2016): WRN-d-k, (d-4)/6 pre-activation basic blocks per stage, widths
-# 16k/32k/64k after a 16-channel 3x3 stem, projection shortcuts where the shape changes.
-_WIDE_CIFAR = ((16, 4), (16, 8), (28, 10), (40, 4))
 SE_RATIO = 1 / 16  # Hu et al. (2018) and timm's seresnet
 
 
-def _registry() -> dict[str, dict[str, Any]]:
-    entries: dict[str, dict[str, Any]] = {}
-    imagenet = {
-        depth: dict(stage_sizes=stages, block_cls=block, stem="imagenet", width=64)
-        for depth, (stages, block) in _IMAGENET_STAGES.items()
-    }
-    cifar = {}
-    for depth in _CIFAR_DEPTHS:
-        n = (depth - 2) // 6
-        cifar[depth] = dict(stage_sizes=(n, n, n), block_cls=BasicBlock, stem="cifar", width=16)
-    for depth, arch in {**cifar, **imagenet}.items():
-        kind = "pad" if depth in cifar else "projection"
-        entries[f"resnet{depth}"] = dict(arch, shortcut=kind)
-    for depth, arch in imagenet.items():
-        if arch["block_cls"] is BottleneckBlock and depth <= 152:
-            entries[f"resnet{depth}_v1"] = dict(arch, shortcut="projection", stride_on="1x1")
-    for depth, arch in imagenet.items():  # Bag of Tricks (He et al. 2019), timm's resnet*d
-        entries[f"resnet{depth}d"] = dict(arch, stem="deep", shortcut="avg")
-    for depth, arch in imagenet.items():
-        if depth <= 152:
-            entries[f"seresnet{depth}"] = dict(arch, shortcut="projection", se_ratio=SE_RATIO)
-    for name, (depth, groups, base_width) in _WIDE_AND_GROUPED.items():
-        entries[name] = dict(imagenet[depth], shortcut="projection", groups=groups, base_width=base_width)
-    for depth, k in _WIDE_CIFAR:
-        n = (depth - 4) // 6
-        entries[f"wrn{depth}_{k}"] = dict(
-            stage_sizes=(n, n, n),
-            block_cls=PreActBasicBlock,
-            stem="cifar",
-            width=16 * k,
-            stem_width=16,
-            shortcut="projection",
-        )
+def _cifar(depth: int, block: type = BasicBlock, shortcut: str | None = "pad") -> dict[str, Any]:
+    """He et al. 2016, Sec. 4.2: 6n+2 layers, 16/32/64 filters; option A ("pad") shortcuts."""
+    n = (depth - 2) // 6
+    return dict(stage_sizes=(n, n, n), block_cls=block, stem="cifar", width=16, shortcut=shortcut)
+
+
+def _imagenet(
+    depth: int, *, pre_activation: bool = False, shortcut: str | None = "projection", **arch: Any
+) -> dict[str, Any]:
+    """The ImageNet stages of `depth` (v1.5: the stride on the 3x3), changed by `arch`."""
+    stages, block = _IMAGENET_STAGES[depth]
+    block = PRE_ACTIVATION[block] if pre_activation else block
+    return dict(stage_sizes=stages, block_cls=block, stem="imagenet", width=64, shortcut=shortcut) | arch
+
+
+def _wide_cifar(depth: int, k: int) -> dict[str, Any]:
+    """Zagoruyko & Komodakis (2016): WRN-d-k, (d-4)/6 pre-activation basic blocks per stage, widths
+    16k/32k/64k after a 16-channel 3x3 stem, projection shortcuts where the shape changes."""
+    n = (depth - 4) // 6
+    return dict(
+        stage_sizes=(n, n, n),
+        block_cls=PreActBasicBlock,
+        stem="cifar",
+        width=16 * k,
+        stem_width=16,
+        shortcut="projection",
+    )
+
+
+# Every network by name, literally, so that `grep -n '"resnet50d"'` finds its definition.
+MODELS: dict[str, dict[str, Any]] = {
+    # CIFAR ResNets (v1, option A shortcuts).
+    "resnet20": _cifar(20),
+    "resnet32": _cifar(32),
+    "resnet44": _cifar(44),
+    "resnet56": _cifar(56),
+    "resnet110": _cifar(110),
+    # ImageNet ResNets, v1.5 (torchvision's): the stride on the 3x3 of a bottleneck.
+    "resnet18": _imagenet(18),
+    "resnet34": _imagenet(34),
+    "resnet50": _imagenet(50),
+    "resnet101": _imagenet(101),
+    "resnet152": _imagenet(152),
+    "resnet200": _imagenet(200),
+    # v1 (He et al. 2016): the stride on the first 1x1.
+    "resnet50_v1": _imagenet(50, stride_on="1x1"),
+    "resnet101_v1": _imagenet(101, stride_on="1x1"),
+    "resnet152_v1": _imagenet(152, stride_on="1x1"),
+    # Bag of Tricks (He et al. 2019), timm's resnet*d: deep stem, average-pool shortcuts.
+    "resnet18d": _imagenet(18, stem="deep", shortcut="avg"),
+    "resnet34d": _imagenet(34, stem="deep", shortcut="avg"),
+    "resnet50d": _imagenet(50, stem="deep", shortcut="avg"),
+    "resnet101d": _imagenet(101, stem="deep", shortcut="avg"),
+    "resnet152d": _imagenet(152, stem="deep", shortcut="avg"),
+    "resnet200d": _imagenet(200, stem="deep", shortcut="avg"),
+    # Squeeze-and-excitation (Hu et al. 2018).
+    "seresnet18": _imagenet(18, se_ratio=SE_RATIO),
+    "seresnet34": _imagenet(34, se_ratio=SE_RATIO),
+    "seresnet50": _imagenet(50, se_ratio=SE_RATIO),
+    "seresnet101": _imagenet(101, se_ratio=SE_RATIO),
+    "seresnet152": _imagenet(152, se_ratio=SE_RATIO),
+    # torchvision's wide and grouped bottleneck nets.
+    "wide_resnet50_2": _imagenet(50, groups=1, base_width=128),
+    "wide_resnet101_2": _imagenet(101, groups=1, base_width=128),
+    "resnext50_32x4d": _imagenet(50, groups=32, base_width=4),
+    "resnext101_32x8d": _imagenet(101, groups=32, base_width=8),
+    "resnext101_64x4d": _imagenet(101, groups=64, base_width=4),
+    # Wide ResNets for CIFAR.
+    "wrn16_4": _wide_cifar(16, 4),
+    "wrn16_8": _wide_cifar(16, 8),
+    "wrn28_10": _wide_cifar(28, 10),
+    "wrn40_4": _wide_cifar(40, 4),
     # The ResNet-18 stages behind a CIFAR stem (no max-pool): the common CIFAR-10 "ResNet-18".
-    entries["cifar_resnet18"] = dict(imagenet[18], stem="cifar", shortcut="projection")
-    for depth, arch in {**cifar, **imagenet}.items():
-        # Option A on CIFAR like the v1 nets, so that the two differ only in the block.
-        kind = "pad" if depth in cifar else "projection"
-        entries[f"preact_resnet{depth}"] = dict(
-            arch, block_cls=PRE_ACTIVATION[arch["block_cls"]], shortcut=kind
-        )
-    for depth, arch in {**cifar, **imagenet}.items():
-        entries[f"plain{depth}"] = dict(arch, shortcut=None)
-    return entries
-
-
-MODELS = _registry()
+    "cifar_resnet18": _imagenet(18, stem="cifar"),
+    # Pre-activation (v2, He et al. 2016b); option A on CIFAR as in v1: the two differ in the block only.
+    "preact_resnet20": _cifar(20, PreActBasicBlock),
+    "preact_resnet32": _cifar(32, PreActBasicBlock),
+    "preact_resnet44": _cifar(44, PreActBasicBlock),
+    "preact_resnet56": _cifar(56, PreActBasicBlock),
+    "preact_resnet110": _cifar(110, PreActBasicBlock),
+    "preact_resnet18": _imagenet(18, pre_activation=True),
+    "preact_resnet34": _imagenet(34, pre_activation=True),
+    "preact_resnet50": _imagenet(50, pre_activation=True),
+    "preact_resnet101": _imagenet(101, pre_activation=True),
+    "preact_resnet152": _imagenet(152, pre_activation=True),
+    "preact_resnet200": _imagenet(200, pre_activation=True),
+    # Plain nets: the same layers without shortcuts, for comparison.
+    "plain20": _cifar(20, shortcut=None),
+    "plain32": _cifar(32, shortcut=None),
+    "plain44": _cifar(44, shortcut=None),
+    "plain56": _cifar(56, shortcut=None),
+    "plain110": _cifar(110, shortcut=None),
+    "plain18": _imagenet(18, shortcut=None),
+    "plain34": _imagenet(34, shortcut=None),
+    "plain50": _imagenet(50, shortcut=None),
+    "plain101": _imagenet(101, shortcut=None),
+    "plain152": _imagenet(152, shortcut=None),
+    "plain200": _imagenet(200, shortcut=None),
+}
 
 
 def names() -> list[str]:
@@ -357,65 +396,6 @@ def param_count(params: Any) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def cost_analysis(stage: jax.stages.Lowered | jax.stages.Compiled) -> dict[str, float]:
-    """XLA's cost analysis as one dict ({} where the backend has none).
-
-    A lowered program on a plugin backend (GPU, TPU, compile-only devices) is counted by the CPU's
-    cost model (`cpu_cost_analysis`): the count of an unoptimised program does not depend on who counts.
-    """
-    try:
-        analysis = stage.cost_analysis()
-    except Exception:  # noqa: BLE001 - plugin backends refuse lowered programs; others have no model
-        analysis = None
-    if isinstance(analysis, list | tuple):  # older JAX: one dict per executable
-        analysis = analysis[0] if analysis else None
-    if not analysis and not isinstance(stage, jax.stages.Compiled):
-        analysis = cpu_cost_analysis(stage)
-    return dict(analysis or {})
-
-
-def xla_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
-    """XLA's FLOP count of a lowered or compiled program; None where no cost model answers.
-
-    Count on the lowered program for the model's FLOPs: it is the whole (unpartitioned) program
-    before backend rewrites, and a GPU backend's compiled cost analysis leaves out the convolutions,
-    which it hands to cuDNN as custom calls.
-    """
-    flops = cost_analysis(stage).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
-def cpu_cost_analysis(lowered: jax.stages.Lowered) -> dict[str, float] | None:
-    """XLA's CPU cost model on a lowered program of any platform.
-
-    Plugin backends (the CUDA and TPU plugins) do not analyse lowered programs, but the count of an
-    unoptimised program does not depend on who counts it, and every JAX has a CPU client. This
-    reaches into JAX's internals (`_lowering`, `_jax.hlo_module_cost_analysis`, stable from 0.7 to
-    0.11): when they move, the FLOPs are unknown (None), never wrong.
-    """
-    try:
-        from jax._src.lib import _jax
-        from jax.extend import backend
-
-        module = lowered._lowering.hlo().as_hlo_module()
-        return _jax.hlo_module_cost_analysis(backend.get_backend("cpu"), module)
-    except Exception:  # noqa: BLE001 - internals that moved, or no CPU client (JAX_PLATFORMS)
-        return None
-
-
-def forward_flops(module: nn.Module, image_size: int, channels: int = 3) -> float | None:
-    """FLOPs of one eval-mode forward pass of one image (XLA's count, nothing compiled)."""
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
-    variables = jax.eval_shape(module.init, jax.random.key(0), x)
-    return xla_flops(jax.jit(lambda v, x: module.apply(v, x, train=False)).lower(variables, x))
-
-
-def gflops_column(flops: float | None) -> str:
-    """The table's GFLOPs: 'unknown' where no cost model answers (XLA's analysis may be missing,
-    None, or lack "flops"), rather than a TypeError on None."""
-    return f"{flops / 1e9:8.3f}" if flops else "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m resnet_jax.models`: parameters and forward GFLOPs of the registry."""
     flag_values = flags.FlagValues()
@@ -446,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 else (flag_values.image_size, flag_values.num_classes)
             )
             module = create(name, classes)
-            flops = "" if flag_values.no_flops else gflops_column(forward_flops(module, size))
+            flops = "" if flag_values.no_flops else costs.gflops_column(costs.forward_flops(module, size))
             print(f"{name:<20} {size:>5} {count_params(module, size) / 1e6:>11.2f}M {flops:>8}", flush=True)
         print(f"{len(selected)} models in {time.perf_counter() - start:.0f}s", file=sys.stderr)
 

@@ -7,6 +7,7 @@ shardings, BatchNorm's batch mean is a mean over the *global* batch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax import cpu_host
+from resnet_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -35,35 +37,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(
-    key: str, global_batch_size: int, mesh: Mesh, *, grad_accum_steps: int = 1, bn_group_size: int = 0
-) -> int:
-    """The per-process share of a global batch; raise unless it splits evenly (`batch_size_error`)."""
-    if mesh.devices.size < 1:
-        raise ValueError("the device mesh is empty: no JAX devices to train on")
-    error = batch_size_error(
-        key,
-        global_batch_size,
-        mesh.devices.size,
-        grad_accum_steps=grad_accum_steps,
-        bn_group_size=bn_group_size,
-    )
-    if error:
-        raise ValueError(error)
-    return global_batch_size // jax.process_count()
+def batch_unit(num_devices: int, grad_accum_steps: int = 1, bn_group_size: int = 0) -> int:
+    """The global batch must be a multiple of this: every device gets the same share of each of
+    the `grad_accum_steps` micro-batches, and with `bn_group_size` k > 0 that share holds whole
+    BatchNorm groups of k examples."""
+    return num_devices * grad_accum_steps * max(bn_group_size, 1)
 
 
 def batch_size_error(
     key: str, global_batch_size: int, num_devices: int, *, grad_accum_steps: int = 1, bn_group_size: int = 0
 ) -> str | None:
-    """Why a global batch cannot be split over `num_devices` (None when it can).
-
-    Every device gets the same share of each of the `grad_accum_steps` micro-batches, and with
-    `bn_group_size` k > 0 that share must hold whole BatchNorm groups of k examples.
-    """
+    """Why a global batch cannot be split over `num_devices` (None when it can; see `batch_unit`)."""
     if global_batch_size < 1:
         return f"{key}={global_batch_size} must be a positive integer"
-    unit = num_devices * grad_accum_steps * max(bn_group_size, 1)
+    unit = batch_unit(num_devices, grad_accum_steps, bn_group_size)
     if global_batch_size % unit == 0:
         return None
     over = f"{num_devices} device{'s' if num_devices > 1 else ''}"
@@ -75,6 +62,68 @@ def batch_size_error(
     return (
         f"{key}={global_batch_size} does not divide over {over}; "
         f"use a multiple of {unit} (e.g. {lower} or {lower + unit})"
+    )
+
+
+def check_batch_size(
+    key: str, global_batch_size: int, mesh: Mesh, *, grad_accum_steps: int = 1, bn_group_size: int = 0
+) -> None:
+    """Raise `ConfigError` (`batch_size_error`'s message) unless the global batch splits over `mesh`."""
+    if mesh.devices.size < 1:
+        raise ValueError("the device mesh is empty: no JAX devices to train on")
+    error = batch_size_error(
+        key,
+        global_batch_size,
+        mesh.devices.size,
+        grad_accum_steps=grad_accum_steps,
+        bn_group_size=bn_group_size,
+    )
+    if error:
+        raise ConfigError(error)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    """This process's rows of every global batch: the processes hold equal shares of the devices."""
+    if global_batch_size % process_count:
+        raise ConfigError(
+            f"a global batch of {global_batch_size} does not split over {process_count} processes"
+        )
+    return global_batch_size // process_count
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSizes:
+    """How a run's batch and length split: what train, data, the studies and preflight agree on."""
+
+    global_batch: int
+    local_batch: int  # this process's rows of every global batch
+    batch_unit: int  # the global batch is a multiple of this (`batch_unit`)
+    steps_per_epoch: int  # whole global batches in one pass over the train split (at least 1)
+    total_steps: int  # config.num_train_steps, or num_epochs of steps_per_epoch
+
+
+def run_sizes(
+    config: Any, num_train: int, num_devices: int = 1, process_count: int = 1, key: str = "config.batch_size"
+) -> RunSizes:
+    """The sizes of a run of `config` over `num_train` train examples; `ConfigError` when its
+    batch does not split over `num_devices` devices (of `process_count` processes)."""
+    error = batch_size_error(
+        key,
+        config.batch_size,
+        num_devices,
+        grad_accum_steps=config.grad_accum_steps,
+        bn_group_size=config.bn_group_size,
+    )
+    if error:
+        raise ConfigError(error)
+    steps_per_epoch = max(1, num_train // config.batch_size)
+    total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
+    return RunSizes(
+        global_batch=config.batch_size,
+        local_batch=local_batch_size(config.batch_size, process_count),
+        batch_unit=batch_unit(num_devices, config.grad_accum_steps, config.bn_group_size),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
     )
 
 
@@ -96,11 +145,6 @@ def to_global(
                     f"{global_batch_size} needs {expected} here"
                 )
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def is_primary() -> bool:
-    """Only process 0 logs and writes metrics."""
-    return jax.process_index() == 0
 
 
 def in_order(outputs: Any) -> Any:

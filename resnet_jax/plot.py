@@ -3,6 +3,7 @@
     python -m resnet_jax.plot WORKDIR [WORKDIR ...] [--out curves.png]
 
 One colour per run (the legend names its workdir); solid lines are train, dashed lines eval.
+Rows may name their metrics by metrics.jsonl key (`train_loss`) or TensorBoard tag (`train/loss`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from resnet_jax import cli
+from resnet_jax import cli, writers
 from resnet_jax.errors import UserError
 
 # (panel title, y label, [(metrics.jsonl key, line style, label suffix)])
@@ -30,7 +31,8 @@ class PlotError(UserError, ValueError):
 
 
 def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
-    """key -> (steps, values) from WORKDIR/metrics.jsonl; a resumed run's repeated steps keep the last."""
+    """metrics.jsonl key -> (steps, values) from WORKDIR/metrics.jsonl (TensorBoard tags are read as
+    their keys); a resumed run's repeated steps keep the last."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise PlotError(f"{workdir!r} has no metrics.jsonl (is it the --workdir of a training run?)")
@@ -46,7 +48,7 @@ def read_metrics(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
                 raise PlotError(f"{path}:{number} is not a metrics row with a step: {line[:80]!r}") from None
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
-                    series.setdefault(key, {})[step] = float(value)
+                    series.setdefault(writers.metrics_key(key), {})[step] = float(value)
     if not series:
         raise PlotError(f"{path} holds no metrics yet")
     return {key: (sorted(points), [points[s] for s in sorted(points)]) for key, points in series.items()}

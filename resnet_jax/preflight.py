@@ -6,8 +6,8 @@
 JAX compiles for devices that are not there: libtpu describes TPU slices, the CUDA plugin compiles
 for a GPU described by a target config (`resnet_jax/gpu_specs`). Each target compiles in its own
 process (the TPU and CUDA backends must not share one), building the steps exactly as `train.py`
-does for that mesh (`train.CompiledSteps`: model, optimizer, shardings, donation), from abstract states
-and uint8 batch shapes. Reported per device: memory against HBM, FLOPs and HBM bytes per image
+does for that mesh (`compiled_steps.CompiledSteps`: model, optimizer, shardings, donation), from
+abstract states and uint8 batch shapes. Reported per device: memory against HBM, FLOPs and HBM bytes per image
 where the backend counts them, a roofline bound on images/s, and whether it fits. Nothing runs,
 so nothing is timed; GPU memory is XLA's plan before autotuning picks convolution algorithms.
 """
@@ -19,10 +19,8 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import pickle
-import re
 import resource
 import subprocess
 import sys
@@ -33,36 +31,17 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import cli, data, sources, targets
+from resnet_jax import cli, costs, data, parallel, sources, tables, targets
 from resnet_jax.config_checks import check_config
 from resnet_jax.errors import UserError
+from resnet_jax.preflight_worker import MAX_PROBES, Compiled, usable_bytes
 
-# JAX's GPU allocator takes this fraction of device memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says.
-JAX_GPU_MEMORY_FRACTION = 0.75
-MAX_PROBES = 6  # compiles per target that --max_batch may spend beyond the config's own
 PLUGINS = {"tpu": ("libtpu",), "cuda": ("jax_cuda12_plugin", "jax_cuda13_plugin")}
 EXTRA_HINT = "pip install -e '.[preflight]' (libtpu and the CUDA plugin that match the installed jax)"
 
 
 class PreflightError(UserError, ValueError):
     """A target, extra or dataset the preflight cannot use; the message says what would work."""
-
-
-@dataclasses.dataclass
-class Compiled:
-    """One step compiled (or refused) for one target at one global batch size."""
-
-    batch_size: int
-    compiled: bool
-    fits: bool
-    reason: str = ""  # why it did not compile or fit: one line
-    compile_seconds: float | None = None
-    state_bytes: int | None = None  # per device: parameters, optimizer state, batch_stats, EMA
-    batch_bytes: int | None = None  # per device: this device's share of the uint8 batch
-    temp_bytes: int | None = None
-    total_bytes: int | None = None  # arguments + outputs + temporaries - donated
-    flops_per_device: float | None = None
-    bytes_accessed_per_device: float | None = None  # HBM traffic, where the backend counts it
 
 
 # ---------------------------------------------------------------- what the targets need
@@ -79,15 +58,6 @@ def check_extras(chosen: Sequence[targets.Target]) -> None:
     if missing:
         verb = "which is" if len(missing) == 1 else "which are"
         raise PreflightError(f"{' and '.join(missing)}, {verb} not installed: {EXTRA_HINT}")
-
-
-def usable_bytes(target: targets.Target) -> int:
-    """Device memory a run may use: TPU HBM; on GPUs JAX's allocator share of it."""
-    hbm = target.accelerator.hbm_bytes
-    if target.platform != "cuda":
-        return hbm
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_GPU_MEMORY_FRACTION))
-    return int(hbm * fraction)
 
 
 def dataset_info(config: ml_collections.ConfigDict, num_classes: int | None) -> tuple[data.DatasetInfo, str]:
@@ -129,235 +99,12 @@ def dataset_info(config: ml_collections.ConfigDict, num_classes: int | None) -> 
         class_names=tuple(f"class_{i}" for i in range(num_classes)),
         num_train=data.SYNTHETIC_SIZES["train"],
         num_eval=data.SYNTHETIC_SIZES["eval"],
-        eval_image_shape=((config.eval_image_size or size),) * 2 + (channels,),
+        eval_image_shape=(data.eval_side(size, config.eval_image_size),) * 2 + (channels,),
     )
     return info, f"{'TFDS metadata' if kind == 'tfds' else '--num_classes'} (dataset not found here)"
 
 
-def check_batch(config: ml_collections.ConfigDict, target: targets.Target, batch_size: int) -> str:
-    """Why `batch_size` cannot run on `target` ("" when it can), in train.py's words."""
-    from resnet_jax import parallel
-
-    error = parallel.batch_size_error(
-        "config.batch_size",
-        batch_size,
-        target.devices,
-        grad_accum_steps=config.grad_accum_steps,
-        bn_group_size=config.bn_group_size,
-    )
-    return error or ""
-
-
-def batch_unit(config: ml_collections.ConfigDict, target: targets.Target) -> int:
-    return target.devices * config.grad_accum_steps * max(config.bn_group_size, 1)
-
-
 # ---------------------------------------------------------------- one target, in its own process
-
-
-def topology_devices(target: targets.Target) -> list[Any]:
-    from jax.experimental import topologies
-
-    options = dict(target.topology_options)
-    if target.platform == "cuda":
-        options["target_config"] = targets.gpu_target_config(target)
-        return list(
-            topologies.get_topology_desc(platform="cuda", topology=target.topology, **options).devices
-        )
-    return list(
-        topologies.get_topology_desc(topology_name=target.topology, platform="tpu", **options).devices
-    )
-
-
-def tree_bytes(tree: Any) -> int:
-    import jax
-
-    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-OOM_SIZES = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
-
-
-def refusal(error: Exception) -> tuple[bool, str]:
-    """(is it out of memory, one line) from a compiler error."""
-    text = str(error)
-    match = OOM_SIZES.search(text)
-    if match:
-        need, need_unit, have, have_unit = match.groups()
-        return True, f"XLA: needs {need}{need_unit} of temporaries, {have}{have_unit} of HBM available"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    oom = "RESOURCE_EXHAUSTED" in text
-    return oom, (lines[0] if lines else type(error).__name__)[:300]
-
-
-def compile_step(
-    config: ml_collections.ConfigDict,
-    info: data.DatasetInfo,
-    target: targets.Target,
-    mesh: Any,
-    batch_size: int,
-    mode: str,
-    hlo_dir: str | None = None,
-) -> Compiled:
-    """Build `train.CompiledSteps` for the mesh at `batch_size` and compile its train or eval step."""
-    import jax
-    import jax.numpy as jnp
-
-    from resnet_jax import benchmark, checkpoint, models, parallel, train
-    from resnet_jax.step import rng_key
-
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.batch_size = config.eval_batch_size = batch_size
-    bad = check_batch(config, target, batch_size)
-    if bad:
-        return Compiled(batch_size, compiled=False, fits=False, reason=bad)
-    steps = train.CompiledSteps(config, info, mesh)
-    replicated, sharded = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    state = checkpoint.with_sharding(jax.eval_shape(steps.init, rng_key(config.seed)), replicated)
-    image_shape = info.eval_image_shape if mode == "eval" else info.image_shape
-    batch = {
-        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.uint8, sharding=sharded),
-        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharded),
-    }
-    step = steps.train_step
-    if mode == "eval":
-        batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharded)
-        state, step = state.for_eval(), steps.eval_step
-    per_device = {
-        k: jax.ShapeDtypeStruct((v.shape[0] // target.devices, *v.shape[1:]), v.dtype)
-        for k, v in batch.items()
-    }
-    result = Compiled(
-        batch_size,
-        compiled=False,
-        fits=False,
-        state_bytes=tree_bytes(state),
-        batch_bytes=tree_bytes(per_device),
-    )
-    start = time.perf_counter()
-    try:
-        lowered = step.lower(state, batch)
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - the compiler's refusal is the answer
-        oom, result.reason = refusal(e)
-        result.compiled = oom  # it compiled far enough to be measured against the HBM
-        result.compile_seconds = time.perf_counter() - start
-        return result
-    result.compile_seconds = time.perf_counter() - start
-    if hlo_dir:
-        os.makedirs(hlo_dir, exist_ok=True)
-        with open(os.path.join(hlo_dir, f"{target.name}_{mode}_batch{batch_size}.hlo.txt"), "w") as f:
-            f.write(compiled.as_text())
-    result.temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
-    result.total_bytes = benchmark.compiled_memory_bytes(compiled)
-    counted = models.cost_analysis(compiled)
-    flops = counted.get("flops") or 0.0
-    if flops <= 0:  # the CUDA backend counts nothing: count the lowered program, a 1/N share each
-        flops = (models.xla_flops(lowered) or 0.0) / target.devices
-    result.flops_per_device = flops or None
-    result.bytes_accessed_per_device = counted.get("bytes accessed") or None
-    usable = usable_bytes(target)
-    result.compiled, result.fits = True, result.total_bytes <= usable
-    if not result.fits:
-        over = result.total_bytes - usable
-        result.reason = f"needs {gib(result.total_bytes)} per device, {gib(over)} over {gib(usable)}"
-    return result
-
-
-def search_max_batch(
-    probe: Callable[[int], Compiled], first: Compiled, unit: int, usable: int, limit: int = MAX_PROBES
-) -> tuple[int | None, int | None, list[Compiled]]:
-    """The largest multiple of `unit` that fits, from the config's own compile and a few more.
-
-    Memory grows about linearly with the batch, so each guess is where the line through the two
-    largest measured batches meets the usable memory, and the batch after it to confirm the limit;
-    where there is no line (a compiler that only refuses) or it misled once, bisection. The search
-    stops at `resolution`. Returns
-    (largest fit, smallest miss, the extra compiles); either is None when not found.
-    """
-    seen = {first.batch_size: first}
-    fits = lambda: [b for b, c in seen.items() if c.fits]  # noqa: E731
-    misses = lambda: [b for b, c in seen.items() if not c.fits]  # noqa: E731
-    probes: list[Compiled] = []
-    trust_line = True  # until a step past the line's limit turns out to fit: memory is not linear
-    while len(probes) < limit:
-        lo, hi = max(fits(), default=None), min(misses(), default=None)
-        if lo is not None and hi is not None and hi - lo <= resolution(lo, unit):
-            break
-        line = linear_guess(seen, unit, usable) if trust_line else None
-        if lo is None:  # nothing fits yet: go down
-            guess = line if line and line < hi else hi // 2
-        elif hi is None:  # everything fits so far: go up, at most 8x at a time
-            guess = min(max(line or 2 * lo, lo + unit), 8 * lo)
-        elif line is None:
-            guess = (lo + hi) // 2
-        else:  # the line's limit, or the next batch past a limit the line puts at a known point
-            guess = lo + unit if line <= lo else (hi - unit if line >= hi else line)
-        guess = max(unit, guess // unit * unit)
-        if guess in seen:
-            break
-        seen[guess] = probe(guess)
-        probes.append(seen[guess])
-        if line is not None and line <= guess - unit and seen[guess].fits:
-            trust_line = False
-    lo, hi = max(fits(), default=None), min(misses(), default=None)
-    return lo, hi, probes
-
-
-def resolution(batch: int, unit: int) -> int:
-    """How close the search gets: one valid batch step, or 1/16 of the batch when that is more."""
-    return max(unit, batch // 16 // unit * unit)
-
-
-def linear_guess(seen: dict[int, Compiled], unit: int, usable: int) -> int | None:
-    """Where the line through the two largest measured batches meets the usable memory."""
-    points = sorted((b, c.total_bytes) for b, c in seen.items() if c.total_bytes)
-    if len(points) < 2:
-        return None
-    (b0, m0), (b1, m1) = points[-2], points[-1]
-    if m1 <= m0:
-        return None
-    return int(b0 + (usable - m0) * (b1 - b0) / (m1 - m0)) // unit * unit
-
-
-def run_target(spec: dict[str, Any]) -> dict[str, Any]:
-    """Everything the preflight measures for one target (the worker process's job)."""
-    from resnet_jax import inference, parallel
-
-    config, info, target = spec["config"], spec["info"], targets.target(spec["target"])
-    mesh = parallel.create_mesh(topology_devices(target))
-    usable = usable_bytes(target)
-
-    def probe(batch_size: int, mode: str = "train") -> Compiled:
-        print(
-            f"  {target.name}: compiling the {mode} step at batch {batch_size}", file=sys.stderr, flush=True
-        )
-        return compile_step(config, info, target, mesh, batch_size, mode, spec["hlo_dir"])
-
-    train_step = probe(config.batch_size)
-    eval_batch = inference.eval_batch_size(config)
-    eval_step = probe(eval_batch, "eval") if train_step.compiled and spec.get("eval", True) else None
-    row: dict[str, Any] = {
-        "train": dataclasses.asdict(train_step),
-        "eval": eval_step and dataclasses.asdict(eval_step),
-    }
-    if spec["max_batch"] and train_step.compiled:
-        largest, smallest_miss, probes = search_max_batch(
-            probe, train_step, batch_unit(config, target), usable, spec["max_batch_compiles"]
-        )
-        row["max_batch"] = largest
-        row["max_batch_miss"] = smallest_miss
-        row["max_batch_probes"] = [dataclasses.asdict(p) for p in probes]
-    return row
-
-
-def worker_main() -> None:
-    """Entry point of the per-target process: `python -c ... SPEC OUT` (pickled spec, JSON out)."""
-    with open(sys.argv[1], "rb") as f:
-        spec = pickle.load(f)
-    row = run_target(spec)
-    with open(sys.argv[2], "w") as f:
-        json.dump(row, f)
 
 
 def worker_environment() -> dict[str, str]:
@@ -387,7 +134,7 @@ def compile_in_subprocess(spec: dict[str, Any], timeout_s: float) -> dict[str, A
         spec_path, out_path = os.path.join(tmp, "spec.pkl"), os.path.join(tmp, "row.json")
         with open(spec_path, "wb") as f:
             pickle.dump(spec, f)
-        code = "from resnet_jax.preflight import worker_main; worker_main()"
+        code = "from resnet_jax.preflight_worker import worker_main; worker_main()"
         start = time.perf_counter()
         try:
             process = subprocess.run(
@@ -421,10 +168,6 @@ def failed_row(spec: dict[str, Any], reason: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- figures and the table
 
 
-def gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GiB"
-
-
 def summarize(target: targets.Target, row: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The table row's figures: per-image costs, the roofline bound and the verdict."""
     train_step, eval_step = row["train"], row["eval"]
@@ -433,11 +176,7 @@ def summarize(target: targets.Target, row: dict[str, Any], dtype: str) -> dict[s
     flops = train_step["flops_per_device"]
     traffic = train_step["bytes_accessed_per_device"]
     per_image = lambda per_device: per_device * target.devices / batch if per_device else None  # noqa: E731
-    bounds = []
-    if flops and accel.peak_flops.get(dtype):
-        bounds.append(target.devices * accel.peak_flops[dtype] / per_image(flops))
-    if traffic and accel.hbm_bandwidth:
-        bounds.append(target.devices * accel.hbm_bandwidth / per_image(traffic))
+    per_device_rate, bound = costs.roofline(accel, dtype, per_image(flops), per_image(traffic))
     if not train_step["compiled"]:
         verdict = "does not compile"
     elif not train_step["fits"]:
@@ -455,7 +194,7 @@ def summarize(target: targets.Target, row: dict[str, Any], dtype: str) -> dict[s
         "devices": target.devices,
         "processes": target.processes,
         "batch_size": batch,
-        "per_process_batch": batch // target.processes,
+        "per_process_batch": parallel.local_batch_size(batch, target.processes),
         "verdict": verdict,
         "reason": reason,
         "compile_seconds": train_step["compile_seconds"],
@@ -469,10 +208,8 @@ def summarize(target: targets.Target, row: dict[str, Any], dtype: str) -> dict[s
         "headroom_bytes": usable - total if total else None,
         "gflops_per_image": per_image(flops) and per_image(flops) / 1e9,
         "hbm_mb_per_image": per_image(traffic) and per_image(traffic) / 1e6,
-        "roofline_images_per_sec": min(bounds) if bounds else None,
-        "roofline_bound": None
-        if not bounds
-        else ("HBM" if len(bounds) > 1 and bounds[1] < bounds[0] else "FLOPs"),
+        "roofline_images_per_sec": per_device_rate and target.devices * per_device_rate,
+        "roofline_bound": bound,
         "max_batch": row.get("max_batch"),
         "first_batch_that_does_not_fit": row.get("max_batch_miss"),
         "max_batch_probes": [
@@ -483,55 +220,49 @@ def summarize(target: targets.Target, row: dict[str, Any], dtype: str) -> dict[s
     }
 
 
-def _cell(value: Any, fmt: str = "{}") -> str:
-    return "-" if value is None else fmt.format(value)
+TABLE_HEADER = (
+    "target",
+    "devices",
+    "compile",
+    "memory/device",
+    "of usable",
+    "GFLOP/img",
+    "MB/img",
+    "roofline img/s",
+    "max batch",
+    "verdict",
+)
+
+
+def table_row(r: dict[str, Any]) -> list[str]:
+    """One target's cells: memory split into its parts, the batch search and the verdict in words."""
+    memory = "-"
+    if r["bytes_per_device"]:
+        parts = " + ".join(f"{k} {r[k + '_bytes'] / 2**30:.2f}" for k in ("state", "batch", "temp"))
+        memory = f"{costs.gib(r['bytes_per_device'])} ({parts})"
+    max_batch, miss = r["max_batch"], r["first_batch_that_does_not_fit"]
+    if max_batch is None:
+        max_batch = "-" if miss is None else f"< {miss}"
+    else:
+        max_batch = f"{max_batch}" + (f" (< {miss})" if miss else " (or more)")
+    share = r["bytes_per_device"] and r["bytes_per_device"] / r["usable_bytes"]
+    return [
+        r["target"],
+        f"{r['devices']} ({r['processes']} proc)",
+        tables.cell(r["compile_seconds"], "{:.0f} s"),
+        memory,
+        tables.cell(share, "{:.0%}") + f" of {costs.gib(r['usable_bytes'])}",
+        tables.cell(r["gflops_per_image"], "{:.3g}"),
+        tables.cell(r["hbm_mb_per_image"], "{:.0f}"),
+        tables.cell(r["roofline_images_per_sec"], "{:,.0f}")
+        + (f" ({r['roofline_bound']})" if r["roofline_bound"] else ""),
+        max_batch,
+        r["verdict"] + (f": {r['reason']}" if r["reason"] else ""),
+    ]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = (
-        "target",
-        "devices",
-        "compile",
-        "memory/device",
-        "of usable",
-        "GFLOP/img",
-        "MB/img",
-        "roofline img/s",
-        "max batch",
-        "verdict",
-    )
-    lines = []
-    for r in rows:
-        memory = "-"
-        if r["bytes_per_device"]:
-            parts = " + ".join(f"{k} {r[k + '_bytes'] / 2**30:.2f}" for k in ("state", "batch", "temp"))
-            memory = f"{gib(r['bytes_per_device'])} ({parts})"
-        max_batch, miss = r["max_batch"], r["first_batch_that_does_not_fit"]
-        if max_batch is None:
-            max_batch = "-" if miss is None else f"< {miss}"
-        else:
-            max_batch = f"{max_batch}" + (f" (< {miss})" if miss else " (or more)")
-        verdict = r["verdict"] + (f": {r['reason']}" if r["reason"] else "")
-        lines.append(
-            (
-                r["target"],
-                f"{r['devices']} ({r['processes']} proc)",
-                _cell(r["compile_seconds"], "{:.0f} s"),
-                memory,
-                _cell(r["bytes_per_device"] and r["bytes_per_device"] / r["usable_bytes"], "{:.0%}")
-                + f" of {gib(r['usable_bytes'])}",
-                _cell(r["gflops_per_image"], "{:.3g}"),
-                _cell(r["hbm_mb_per_image"], "{:.0f}"),
-                _cell(r["roofline_images_per_sec"], "{:,.0f}")
-                + (f" ({r['roofline_bound']})" if r["roofline_bound"] else ""),
-                max_batch,
-                verdict,
-            )
-        )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-    return "\n".join(out)
+    return tables.text(TABLE_HEADER, [table_row(r) for r in rows], left=len(TABLE_HEADER))
 
 
 def versions() -> dict[str, str | None]:

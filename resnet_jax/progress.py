@@ -34,10 +34,15 @@ def write(message: str, file: TextIO | None = None) -> None:
         print(message, file=sys.stdout if file is None else file, flush=True)
 
 
-def log(message: str) -> None:
+def is_primary() -> bool:
+    """Whether this is process 0: the one process that logs, writes metrics and moves shared files."""
+    return jax.process_index() == 0
+
+
+def log(message: str, file: TextIO | None = None) -> None:
     """Progress output: process 0 only, flushed so that piped logs keep up (above the bar, if any)."""
-    if jax.process_index() == 0:
-        write(message)
+    if is_primary():
+        write(message, file=file)
 
 
 def warn(message: str, *, every_process: bool = False) -> None:
@@ -46,7 +51,7 @@ def warn(message: str, *, every_process: bool = False) -> None:
     The data loader passes `every_process=True`: it may run in grain worker processes that never
     start JAX, and whichever process meets an unreadable file is the one that can name it.
     """
-    if every_process or jax.process_index() == 0:
+    if every_process or is_primary():
         write(f"warning: {message}", file=sys.stderr)
 
 

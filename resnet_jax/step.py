@@ -8,6 +8,7 @@ EMA of the weights, and counts (or skips) non-finite steps.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -199,6 +200,36 @@ def update_loss_scale(
     return {"scale": jnp.maximum(scale, 1.0), "good_steps": jnp.where(grow, 0, good)}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How the train step trains, beyond the model and optimizer: the config's loss, mixing,
+    accumulation, EMA and float16 settings in one object (`from_config`) that the step reads."""
+
+    label_smoothing: float = 0.0
+    loss: str = "softmax"  # one of LOSSES
+    bce_target_threshold: float | None = None
+    skip_nonfinite: bool = False
+    grad_accum_steps: int = 1
+    mixing: mixing_lib.Mixing = mixing_lib.Mixing()
+    ema_decay: float = 0.0
+    loss_scale_period: int = 2000
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> StepOptions:
+        return cls(
+            label_smoothing=config.label_smoothing,
+            loss=config.loss,
+            bce_target_threshold=config.bce_target_threshold,
+            skip_nonfinite=config.skip_nonfinite_steps,
+            grad_accum_steps=config.grad_accum_steps,
+            mixing=mixing_lib.Mixing.from_config(config),
+            ema_decay=config.ema_decay,
+            loss_scale_period=config.loss_scale_period,
+            seed=config.seed,
+        )
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -208,38 +239,31 @@ def train_step(
     schedule: optax.Schedule,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    label_smoothing: float = 0.0,
-    loss: str = "softmax",
-    bce_target_threshold: float | None = None,
-    skip_nonfinite: bool = False,
-    grad_accum_steps: int = 1,
-    mixing: mixing_lib.Mixing | None = None,
-    ema_decay: float = 0.0,
-    loss_scale_period: int = 2000,
-    seed: int = 0,
+    options: StepOptions = StepOptions(),
     concat_grad_norm: bool = False,
 ) -> tuple[TrainState, metrics.TrainMetrics]:
     """One optimizer step; a non-finite loss or gradient is counted (and skipped if asked).
 
-    With `grad_accum_steps` k > 1 the batch runs as k micro-batches (see `accumulate_gradients`)
-    and the optimizer steps once on their mean gradient. The step's randomness (mixup/cutmix,
-    dropout, stochastic depth) comes from `seed` and the step number, so a resumed run repeats it.
-    With a loss scale in the state (float16), the loss is scaled before differentiation, a
-    non-finite step is skipped and the scale adapts (`update_loss_scale`). `loss` is `softmax`
-    (cross-entropy) or `bce` (`binary_cross_entropy`). `concat_grad_norm` picks `global_norm`'s
-    single reduction (for CPUs, where it compiles faster).
+    With `options.grad_accum_steps` k > 1 the batch runs as k micro-batches (see
+    `accumulate_gradients`) and the optimizer steps once on their mean gradient. The step's
+    randomness (mixup/cutmix, dropout, stochastic depth) comes from `options.seed` and the step
+    number, so a resumed run repeats it. With a loss scale in the state (float16), the loss is
+    scaled before differentiation, a non-finite step is skipped and the scale adapts
+    (`update_loss_scale`). `options.loss` is `softmax` (cross-entropy) or `bce`
+    (`binary_cross_entropy`). `concat_grad_norm` picks `global_norm`'s single reduction (for CPUs,
+    where it compiles faster).
     """
-    key = jax.random.fold_in(rng_key(seed), state.step)
+    key = jax.random.fold_in(rng_key(options.seed), state.step)
     mix_key, dropout_key = jax.random.split(key)
     images, targets, _ = mixing_lib.mix_batch(
         mix_key,
         normalize(batch["image"], mean, std),
         batch["label"],
         model.num_classes,
-        mixing or mixing_lib.Mixing(),
+        options.mixing,
     )
     scale = state.loss_scale["scale"] if state.loss_scale else None
-    per_example_loss = example_loss(loss, label_smoothing, bce_target_threshold)
+    per_example_loss = example_loss(options.loss, options.label_smoothing, options.bce_target_threshold)
 
     def loss_and_grads(batch_stats, images, targets, dropout_key):
         def loss_fn(params):
@@ -262,10 +286,10 @@ def train_step(
             grads = jax.tree.map(lambda g: g / scale, grads)
         return (loss, (logits, new_stats)), grads
 
-    if grad_accum_steps == 1:
+    if options.grad_accum_steps == 1:
         (loss, (logits, batch_stats)), grads = loss_and_grads(state.batch_stats, images, targets, dropout_key)
     else:
-        k = grad_accum_steps
+        k = options.grad_accum_steps
         inputs = (
             split_micro_batches(images, k),
             split_micro_batches(targets, k),
@@ -283,11 +307,12 @@ def train_step(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     if state.ema:
-        average = lambda old, new: ema_decay * old + (1 - ema_decay) * new
+        decay = options.ema_decay
+        average = lambda old, new: decay * old + (1 - decay) * new
         new_state = new_state.replace(
             ema=jax.tree.map(average, state.ema, {"params": params, "batch_stats": batch_stats})
         )
-    if skip_nonfinite or scale is not None:  # a skipped step still counts (schedule, data order)
+    if options.skip_nonfinite or scale is not None:  # a skipped step still counts (schedule, data order)
         keep_old = lambda new, old: jnp.where(finite, new, old)
         new_state = jax.tree.map(keep_old, new_state, state).replace(step=state.step + 1)
     outputs = dict(
@@ -300,7 +325,7 @@ def train_step(
     )
     if scale is not None:
         new_state = new_state.replace(
-            loss_scale=update_loss_scale(state.loss_scale, finite, loss_scale_period)
+            loss_scale=update_loss_scale(state.loss_scale, finite, options.loss_scale_period)
         )
         return new_state, ScaledTrainMetrics.single_from_model_output(**outputs, loss_scale=scale)
     return new_state, metrics.TrainMetrics.single_from_model_output(**outputs)

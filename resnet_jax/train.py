@@ -1,8 +1,8 @@
 """`train_and_evaluate`: a whole run from a config, driving the steps of `resnet_jax.step`.
 
-`CompiledSteps` jit-compiles those steps once with explicit shardings over the device mesh (batch
-split on `data`, state replicated, state buffers donated); the loop around them loads data, logs,
-evaluates, checkpoints and handles preemption, with its bookkeeping in `resnet_jax.loop`.
+`compiled_steps.CompiledSteps` jit-compiles those steps once over the device mesh; the loop around
+them loads data, logs, evaluates, checkpoints and handles preemption, with its bookkeeping in
+`resnet_jax.loop` and resuming in `resnet_jax.resume`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from resnet_jax import (
     checkpoint,
@@ -35,138 +33,24 @@ from resnet_jax import (
     watchdog,
     writers,
 )
-from resnet_jax import mixing as mixing_lib
-from resnet_jax.config_checks import ConfigError, check_config, complete_config
+from resnet_jax.compiled_steps import CompiledSteps
+from resnet_jax.config_checks import check_config
 from resnet_jax.errors import UserError
 from resnet_jax.progress import log
-from resnet_jax.step import TrainState, eval_logits, init_state, rng_key, train_step
+from resnet_jax.resume import restore_or_init
+from resnet_jax.step import TrainState, eval_logits
 
 
-def run_length(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> tuple[int, int]:
-    """(steps per epoch, total steps)."""
-    steps_per_epoch = max(1, info.num_train // config.batch_size)
-    total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
-    return steps_per_epoch, total
-
-
-def model_and_optimizer(
-    config: ml_collections.ConfigDict, info: data.DatasetInfo, platform: str
-) -> tuple[Any, optax.GradientTransformation, optax.Schedule]:
-    """The config's model, optimizer (frozen backbone for linear probing) and learning-rate schedule."""
-    model = models.create_model(config, info.num_classes, platform)
-    tx, schedule = optim.create(config, *run_length(config, info))
-    if config.freeze_backbone:  # linear probing: only the classifier is updated
-        tx = finetune.freeze_backbone(tx)
-    return model, tx, schedule
-
-
-def state_initializer(
-    config: ml_collections.ConfigDict, info: data.DatasetInfo, model: Any, tx: optax.GradientTransformation
-) -> Callable[[jax.Array], TrainState]:
-    """`init(rng)`: a fresh state with the parts the config asks for (EMA, float16's loss scale)."""
-    return functools.partial(
-        init_state,
-        model,
-        tx,
-        info.image_shape,
-        ema=config.ema_decay > 0,
-        loss_scale=config.loss_scale_init if config.dtype == "float16" else 0.0,
-    )
-
-
-def abstract_state(config: ml_collections.ConfigDict, info: data.DatasetInfo, platform: str) -> TrainState:
-    """The shapes and dtypes of the config's train state, without computing it."""
-    model, tx, _ = model_and_optimizer(config, info, platform)
-    return jax.eval_shape(state_initializer(config, info, model, tx), rng_key(config.seed))
-
-
-def with_saved_values(
-    config: ml_collections.ConfigDict, saved: dict[str, Any], keys: list[str]
-) -> ml_collections.ConfigDict:
-    """`config` with `keys` set back to their values in the saved config (JSON), completed and typed."""
-    return complete_config(ml_collections.ConfigDict({**config.to_dict(), **{k: saved[k] for k in keys}}))
-
-
-def keys_behind_layout(
-    saved: dict[str, Any],
-    saved_layout: checkpoint.Layout,
+def load_dataset(
     config: ml_collections.ConfigDict,
-    steps: CompiledSteps,
-) -> list[str]:
-    """The changed config keys that, set back to their saved values, give the saved state's layout:
-    each alone if one does, else all of them together if that does, else none."""
-
-    def layout_with(keys: list[str]) -> checkpoint.Layout | None:
-        try:
-            candidate = with_saved_values(config, saved, keys)
-            return checkpoint.leaf_layout(abstract_state(candidate, steps.info, steps.platform))
-        except Exception:  # a saved value this code no longer accepts
-            return None
-
-    changed = checkpoint.changed_keys(saved, config)
-    alone = [key for key in changed if layout_with([key]) == saved_layout]
-    if alone or not changed:
-        return alone
-    return changed if layout_with(changed) == saved_layout else []
-
-
-class CompiledSteps:
-    """A run's model, optimizer and schedule, and its init, train and eval steps jit-compiled over the
-    mesh: what `train.py`, the benchmark and the preflight run. `config` must be checked
-    (`check_config`); the dataset enters only through its `DatasetInfo`."""
-
-    def __init__(self, config: ml_collections.ConfigDict, info: data.DatasetInfo, mesh: jax.sharding.Mesh):
-        self.config, self.info, self.mesh = config, info, mesh
-        try:
-            parallel.check_batch_size(
-                "config.batch_size",
-                config.batch_size,
-                mesh,
-                grad_accum_steps=config.grad_accum_steps,
-                bn_group_size=config.bn_group_size,
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        self.eval_batch_size = inference.eval_batch_size(config, mesh)
-        self.steps_per_epoch, self.total_steps = run_length(config, info)
-        self.platform = mesh.devices.flat[0].platform
-        self.model, self.tx, self.schedule = model_and_optimizer(config, info, self.platform)
-
-        replicated, self.batch_sharding = parallel.replicated(mesh), parallel.data_sharding(mesh)
-        self.loss_scaling = config.dtype == "float16"
-        self.init = jax.jit(state_initializer(config, info, self.model, self.tx), out_shardings=replicated)
-        self.train_step = jax.jit(
-            functools.partial(
-                train_step,
-                model=self.model,
-                tx=self.tx,
-                schedule=self.schedule,
-                label_smoothing=config.label_smoothing,
-                loss=config.loss,
-                bce_target_threshold=config.bce_target_threshold,
-                skip_nonfinite=config.skip_nonfinite_steps,
-                grad_accum_steps=config.grad_accum_steps,
-                mixing=mixing_lib.Mixing.from_config(config),
-                ema_decay=config.ema_decay,
-                loss_scale_period=config.loss_scale_period,
-                seed=config.seed,
-                mean=info.mean,
-                std=info.std,
-                concat_grad_norm=mesh.devices.flat[0].platform == "cpu",
-            ),
-            in_shardings=(replicated, self.batch_sharding),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-        )
-        self.eval_step = inference.compile_eval_step(self.model, info, mesh)
-
-
-def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
-    """The config's dataset, normalised like the pretrained weights when fine-tuning."""
+) -> tuple[data.Dataset, finetune.Pretrained | None]:
+    """The config's dataset and, when fine-tuning, the pretrained weights (read once, before
+    anything compiles) with the dataset normalised like them."""
     dataset = data.load(config)
-    if config.init_from:
-        dataset = finetune.with_pretrained_normalization(dataset, config.init_from, log)
-    return dataset
+    if not config.init_from:
+        return dataset, None
+    pretrained = finetune.load_pretrained(config.init_from, config.model)
+    return finetune.with_pretrained_normalization(dataset, pretrained, log), pretrained
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -179,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     config = check_config(config, workdir)  # creates the workdir
     try:
         mesh = parallel.create_mesh()
-        dataset = load_dataset(config)
+        dataset, pretrained = load_dataset(config)
         steps = CompiledSteps(config, dataset.info, mesh)
     except UserError:
         if fresh:  # a refused run leaves no empty workdir behind
@@ -188,12 +72,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         raise
     log_plan(config, steps, dataset.info, mesh)
     batches = device_batches(steps, dataset)
-    if parallel.is_primary():
+    if progress.is_primary():
         data.write_class_names(dataset.info, workdir)
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     dog = watchdog.Watchdog(watchdog.Bounds(config.watchdog_seconds, config.watchdog_compile_seconds))
     with dog, peers.PeerMonitor():
-        return run_loop(steps, dataset, batches, checkpoints, dog, workdir)
+        return run_loop(steps, dataset, batches, checkpoints, dog, workdir, pretrained)
 
 
 def run_loop(
@@ -203,28 +87,31 @@ def run_loop(
     checkpoints: checkpoint.Checkpoints,
     dog: watchdog.Watchdog,
     workdir: str,
+    pretrained: finetune.Pretrained | None = None,
 ) -> TrainState:
     """Restore or initialise, then train, log, evaluate and save; every unit of work is reported to
     `dog`, which ends the process when none completes in time."""
     config = steps.config
     t0 = time.perf_counter()
     with dog.long_operation("restoring or initialising the state"):
-        state, start_step = restore_or_init(steps, checkpoints, batches)
+        state, start_step = restore_or_init(steps, checkpoints, batches, pretrained)
     log(f"{models.param_count(state.params):,} parameters, ready in {time.perf_counter() - t0:.1f}s")
-    if parallel.is_primary():
+    if progress.is_primary():
         overview_path, total_line = writers.write_parameter_overview(state.params, workdir)
         log(f"parameter overview ({total_line}): {overview_path}")
 
     total, steps_per_epoch = steps.total_steps, steps.steps_per_epoch
-    writer = writers.create_writer(workdir, enabled=parallel.is_primary())
-    writer.write_hparams(config.to_dict())
+    writer = writers.create_writer(workdir, enabled=progress.is_primary())
+    # The rates the run uses (None in the config means the optimizer's default) and its real length.
+    resolved = {"learning_rate": optim.learning_rate(config), "weight_decay": optim.weight_decay(config)}
+    writer.write_hparams({**config.to_dict(), **resolved, "epochs": total / steps_per_epoch})
     bar = progress.Progress(
         total,
         start_step,
         steps_per_epoch,
         config.batch_size,
         mode=config.progress,
-        enabled=parallel.is_primary(),
+        enabled=progress.is_primary(),
     )
     profiler = progress.StepProfiler(config.profile_steps, os.path.join(workdir, "profile"))
     with dog.long_operation("reading the eval images for TensorBoard"):
@@ -280,8 +167,8 @@ def run_loop(
                     progress.warn(f"epoch {step / steps_per_epoch:.0f}: skipped {count} unreadable image(s)")
                     writer.write_scalars(step, {"train_skipped_images": count})
                 if log_cadence.due(step):
-                    scalars = window.summary()
-                    writer.write_scalars(step, scalars)
+                    scalars, history = window.summary()
+                    writer.write_scalars(step, scalars, history)
                     log(format_train_line(step, total, steps_per_epoch, scalars) + bar.eta_text(step))
                 eval_scalars = None
                 if eval_cadence.due(step):
@@ -362,63 +249,6 @@ def log_plan(
     )
 
 
-def restore_or_init(
-    steps: CompiledSteps, checkpoints: checkpoint.Checkpoints, batches: Any
-) -> tuple[TrainState, int]:
-    """The latest good checkpoint of the workdir (checked against the config), or a fresh state."""
-    config = steps.config
-    key = rng_key(config.seed)
-    abstract = checkpoint.with_sharding(jax.eval_shape(steps.init, key), parallel.replicated(steps.mesh))
-    restored = checkpoints.restore_latest(
-        abstract,
-        batches,
-        config,
-        explain_layout=lambda saved, layout: keys_behind_layout(saved, layout, config, steps),
-    )
-    if restored is None:
-        state = steps.init(key)
-        if config.init_from:  # fine-tuning; a checkpoint of this workdir takes precedence
-            state = finetune.start_from_pretrained(state, config.init_from, config.model, steps.tx, log)
-        return state, 0
-    step, items = restored
-    changes = checkpoint.check_compatible(items["config"], config, step, checkpoints.directory)
-    log(f"resumed from the checkpoint of step {step} in {checkpoints.directory}")
-    for change in changes:
-        log(f"  config changed since that checkpoint: {change}")
-    if line := schedule_change(items["config"], config, steps.info, step):
-        log(f"  {line}")
-    return items["state"], step
-
-
-def schedule_change(
-    saved: dict[str, Any], config: ml_collections.ConfigDict, info: data.DatasetInfo, step: int
-) -> str | None:
-    """One line when the resumed run's learning-rate schedule differs from the saved run's at `step`:
-    the keys that changed it, the rate before and after, and the new length (a finished run that is
-    extended does not go on from its last rate; its schedule is stretched over the new length)."""
-
-    def rate(cfg: ml_collections.ConfigDict) -> tuple[float, int]:
-        steps_per_epoch, total = run_length(cfg, info)
-        return float(optim.create_schedule(cfg, steps_per_epoch, total)(step)), total
-
-    try:
-        before = complete_config(ml_collections.ConfigDict(saved))
-        (old, old_total), (new, new_total) = rate(before), rate(config)
-    except Exception:  # a saved config this code no longer reads
-        return None
-    if np.isclose(old, new, rtol=1e-6, atol=0.0) and old_total == new_total:
-        return None
-    causes = []
-    for key in checkpoint.changed_keys(saved, config):
-        with contextlib.suppress(Exception):  # a saved value this code no longer accepts
-            if rate(with_saved_values(config, saved, [key])) != (new, new_total):
-                causes.append(f"{key} {saved[key]!r} -> {config[key]!r}")
-    return (
-        f"the learning-rate schedule changed ({', '.join(causes) or 'config'}): it now spans {new_total} "
-        f"steps instead of {old_total}, and the rate at step {step} is {new:.4g} instead of {old:.4g}"
-    )
-
-
 def evaluate_and_log(
     steps: CompiledSteps,
     dataset: data.Dataset,
@@ -446,7 +276,7 @@ def eval_image_writer(
     steps: CompiledSteps, dataset: data.Dataset, count: int, writer: writers.MultiWriter
 ) -> Any:
     """`write(state, step)`: the first `count` eval images with their predicted and true labels, as
-    one captioned grid (TensorBoard tag `eval_predictions`). Every process predicts (the state is
+    one captioned grid (TensorBoard tag `eval/predictions`). Every process predicts (the state is
     global); process 0 writes. count 0: nothing."""
     if count <= 0:
         return lambda state, step: None

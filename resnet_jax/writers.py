@@ -2,8 +2,9 @@
 
 clu's own writers import TensorFlow, so this TensorFlow-free package has its own small `Writer`
 interface (write_scalars / write_hparams / write_images / flush / close) with a stdout, a
-metrics.jsonl and a TensorBoard writer (event files through tensorboardX, in one flat folder,
-scalar tags named like the metrics.jsonl keys), combined by `MultiWriter`. Only process 0 writes.
+metrics.jsonl and a TensorBoard writer (event files through tensorboardX in
+WORKDIR/tensorboard/<run name>/, tags grouped as `train/...` and `eval/...` by `tensorboard_tag`),
+combined by `MultiWriter`. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,38 @@ import numpy as np
 
 from resnet_jax.progress import log
 
+# metrics.jsonl keys without a `train_`/`eval_` prefix, and their TensorBoard group.
+UNPREFIXED_TAGS = {
+    "learning_rate": "train/learning_rate",
+    "steps_per_sec": "train/steps_per_sec",
+    "images_per_sec": "train/images_per_sec",
+}
+GROUPS = ("train", "eval")
+History = Mapping[str, Sequence[float]]  # a key's value at every step of a log window
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metrics.jsonl key as its TensorBoard tag: `train_loss` -> `train/loss`, `learning_rate` ->
+    `train/learning_rate`. TensorBoard draws one section per prefix before `/`, so flat names gave
+    a section per metric."""
+    if key in UNPREFIXED_TAGS:
+        return UNPREFIXED_TAGS[key]
+    group, _, name = key.partition("_")
+    return f"{group}/{name}" if group in GROUPS and name else key
+
+
+def metrics_key(name: str) -> str:
+    """The metrics.jsonl key of a TensorBoard tag (a key stays as it is): `tensorboard_tag` undone."""
+    unprefixed = {tag: key for key, tag in UNPREFIXED_TAGS.items()}
+    if name in unprefixed:
+        return unprefixed[name]
+    group, slash, rest = name.partition("/")
+    return f"{group}_{rest}" if slash and group in GROUPS else name
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """A nested config as `{"a.b": value}` with values TensorBoard's hparams accept (others as str)."""
+    """A nested config as `{"a.b": value}` with values TensorBoard's hparams accept (others as str);
+    unset (None) values are left out rather than shown as the string 'None'."""
     flat: dict[str, bool | int | float | str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
@@ -28,7 +58,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int |
             flat.update(flatten(value, name + "."))
         elif isinstance(value, bool | int | float | str):
             flat[name] = value
-        else:
+        elif value is not None:
             flat[name] = str(value)
     return flat
 
@@ -36,7 +66,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int |
 class Writer(Protocol):
     """What the training loop writes through; every method is a no-op where it does not apply."""
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], history: History | None = None) -> None:
+        """`history`: for some keys of `scalars`, their value at every step up to `step`, which only
+        TensorBoard keeps (a curve of one point per log step is bent by its smoothing)."""
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None: ...
 
@@ -55,7 +87,7 @@ def _floats(scalars: Mapping[str, Any]) -> dict[str, float]:
 class StdoutWriter:
     """`step N | key value | ...` lines; the training loop prints its own formatted lines instead."""
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], history: History | None = None) -> None:
         log(" | ".join([f"step {int(step)}", *(f"{k} {v:.6g}" for k, v in _floats(scalars).items())]))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
@@ -78,7 +110,7 @@ class JsonlWriter:
     def __init__(self, workdir: str):
         self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - lives with the writer
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], history: History | None = None) -> None:
         self._file.write(json.dumps({"step": int(step), **_floats(scalars)}) + "\n")
         self._file.flush()
 
@@ -95,39 +127,75 @@ class JsonlWriter:
         self._file.close()
 
 
+# The HParams dashboard orders its columns by hparam name and ticks the first five, so these get
+# names that sort first ("00 model", "01 optimizer", ...) and are shown under their own names.
+HPARAM_COLUMNS = ("model", "optimizer", "learning_rate", "batch_size", "epochs", "dtype", "dataset")
+HPARAM_METRICS = ("eval/accuracy", "eval/top5_accuracy", "eval/loss", "train/loss")
+
+
+def hparams_summaries(hparams: Mapping[str, Any], metric_tags: Sequence[str] = HPARAM_METRICS) -> list[Any]:
+    """The hparams plugin's experiment and session-start summaries (tensorboardX protos) of the
+    flattened `hparams`: the `HPARAM_COLUMNS` first, then every other key in name order."""
+    from tensorboardX.proto import api_pb2, plugin_hparams_pb2, summary_pb2
+
+    flat = flatten(hparams)
+    leading = [key for key in HPARAM_COLUMNS if key in flat]
+    start = plugin_hparams_pb2.SessionStartInfo()
+    infos = []
+    for key in leading + sorted(flat.keys() - set(leading)):
+        name, value = f"{leading.index(key):02d} {key}" if key in leading else key, flat[key]
+        if isinstance(value, str):
+            start.hparams[name].string_value, kind = value, "DATA_TYPE_STRING"
+        elif isinstance(value, bool):
+            start.hparams[name].bool_value, kind = value, "DATA_TYPE_BOOL"
+        else:
+            start.hparams[name].number_value, kind = float(value), "DATA_TYPE_FLOAT64"
+        infos.append(api_pb2.HParamInfo(name=name, display_name=key, type=api_pb2.DataType.Value(kind)))
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metric_tags]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+
+    def summary(tag: str, **data: Any) -> Any:
+        content = plugin_hparams_pb2.HParamsPluginData(version=0, **data).SerializeToString()
+        plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="hparams", content=content)
+        metadata = summary_pb2.SummaryMetadata(plugin_data=plugin)
+        return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata)])
+
+    return [
+        summary("_hparams_/experiment", experiment=experiment),
+        summary("_hparams_/session_start_info", session_start_info=start),
+    ]
+
+
 class TensorBoardWriter:
-    """Event files in one flat folder, written by tensorboardX (no TensorFlow needed).
+    """Event files written by tensorboardX (no TensorFlow needed) into `logdir`.
 
-    Scalars keep their metrics.jsonl names as tags; the config goes to the hparams plugin (and as
-    text); images are HWC uint8. `tensorboard --logdir WORKDIR/tensorboard` shows the run.
+    Tags are grouped (`tensorboard_tag`), `history` gives a point per step, the config goes to the
+    hparams plugin (and as text), images are HWC uint8.
     """
-
-    HPARAM_METRICS = ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_loss")
 
     def __init__(self, logdir: str, flush_secs: int = 10):
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(logdir, flush_secs=flush_secs)
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        for key, value in _floats(scalars).items():
-            self._writer.add_scalar(key, value, int(step))
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], history: History | None = None) -> None:
+        series = {key: [value] for key, value in _floats(scalars).items()} | dict(history or {})
+        for key, values in series.items():
+            tag = tensorboard_tag(key)
+            for at, value in enumerate(values, int(step) - len(values) + 1):
+                self._writer.add_scalar(tag, float(value), at)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """The hparams plugin's summaries, written into this folder (SummaryWriter.add_hparams would
-        open a sub-folder per call, breaking the one-flat-folder layout)."""
-        from tensorboardX.summary import hparams as hparams_summaries
-
-        flat = flatten(hparams)
-        experiment, session_start, _ = hparams_summaries(flat, dict.fromkeys(self.HPARAM_METRICS, 0.0))
+        """Written into this run's folder (SummaryWriter.add_hparams would open a sub-folder, a
+        second run, per call)."""
         file_writer = self._writer._get_file_writer()
-        file_writer.add_summary(experiment)
-        file_writer.add_summary(session_start)
-        self._writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in flat.items()), 0)
+        for summary in hparams_summaries(hparams):
+            file_writer.add_summary(summary)
+        self._writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in flatten(hparams).items()), 0)
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         for tag, image in images.items():
-            self._writer.add_image(tag, np.asarray(image), int(step), dataformats="HWC")
+            self._writer.add_image(tensorboard_tag(tag), np.asarray(image), int(step), dataformats="HWC")
 
     def flush(self) -> None:
         self._writer.flush()
@@ -142,9 +210,9 @@ class MultiWriter:
     def __init__(self, writers: Sequence[Writer], enabled: bool = True):
         self.writers = list(writers) if enabled else []
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    def write_scalars(self, step: int, scalars: Mapping[str, Any], history: History | None = None) -> None:
         for writer in self.writers:
-            writer.write_scalars(step, scalars)
+            writer.write_scalars(step, scalars, history)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         for writer in self.writers:
@@ -163,11 +231,18 @@ class MultiWriter:
             writer.close()
 
 
+def run_name(workdir: str) -> str:
+    """The workdir's folder name: TensorBoard names a run by its folder below --logdir, so event files
+    directly in the folder it is pointed at would be a run named "."."""
+    return os.path.basename(os.path.abspath(workdir)) or "run"
+
+
 def create_writer(workdir: str, *, enabled: bool = True, stdout: bool = False) -> MultiWriter:
-    """metrics.jsonl + WORKDIR/tensorboard/ (+ stdout lines if asked); nothing unless `enabled`."""
+    """metrics.jsonl + WORKDIR/tensorboard/<run name>/ (+ stdout lines if asked); nothing unless `enabled`."""
     if not enabled:
         return MultiWriter([], enabled=False)
-    writers: list[Writer] = [JsonlWriter(workdir), TensorBoardWriter(os.path.join(workdir, "tensorboard"))]
+    logdir = os.path.join(workdir, "tensorboard", run_name(workdir))
+    writers: list[Writer] = [JsonlWriter(workdir), TensorBoardWriter(logdir)]
     if stdout:
         writers.insert(0, StdoutWriter())
     return MultiWriter(writers)

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import digits  # noqa: E402
-from resnet_jax import data, models, parallel, train  # noqa: E402
+from resnet_jax import compiled_steps, data, models, parallel  # noqa: E402
 from resnet_jax.config_checks import ConfigError  # noqa: E402
 from resnet_jax.step import TrainState, cross_entropy, normalize  # noqa: E402
 
@@ -68,14 +68,16 @@ def fixed_batches(dataset):
 def initial_state():
     """One init for every run (on CPU it compiles slower than the train step), as host arrays."""
     config = make_config()
-    steps = train.CompiledSteps(config, data.load(config).info, parallel.create_mesh(jax.devices()[:1]))
+    steps = compiled_steps.CompiledSteps(
+        config, data.load(config).info, parallel.create_mesh(jax.devices()[:1])
+    )
     return jax.device_get(steps.init(jax.random.key(0)))
 
 
 def sharded_run(config, devices, state):
     """`Trainer`'s jitted step, as `train_and_evaluate` runs it, on a mesh of `devices`."""
     dataset = data.load(config)
-    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh(devices))
+    steps = compiled_steps.CompiledSteps(config, dataset.info, parallel.create_mesh(devices))
     state = jax.device_put(state, parallel.replicated(steps.mesh))
     losses = []
     for batch in fixed_batches(dataset):
@@ -115,7 +117,7 @@ def reference_run(config, state, batch_gradient, **options):
     """The optimizer steps on one device, with the loss, gradient and batch_stats of `batch_gradient`."""
     plain = make_config()  # global BatchNorm, no accumulation: the model every group / micro-batch sees
     dataset = data.load(plain)
-    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh(jax.devices()[:1]))
+    steps = compiled_steps.CompiledSteps(config, dataset.info, parallel.create_mesh(jax.devices()[:1]))
     model = models.create_model(plain, dataset.info.num_classes)
 
     @jax.jit
@@ -153,7 +155,7 @@ def assert_same(name, got, want):
 
 def assert_config_error(config, message):
     try:
-        train.CompiledSteps(config, data.load(config).info, parallel.create_mesh())
+        compiled_steps.CompiledSteps(config, data.load(config).info, parallel.create_mesh())
     except ConfigError as e:
         assert message in str(e), str(e)
     else:

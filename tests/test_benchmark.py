@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from resnet_jax import benchmark, compile_cache, models, parallel
+from resnet_jax import benchmark, compile_cache, costs, parallel
 from tests.conftest import run_script, xla_flags_with
 
 REQUIRED_FIELDS = {
@@ -112,14 +112,14 @@ def test_flops_and_mfu_of_a_single_convolution():
     )
     # Each of the n*8*8*c_out outputs takes k*k*c_in multiply-adds, 2 FLOPs each.
     by_hand = 2 * n * (h - k + 1) * (w - k + 1) * c_out * k * k * c_in
-    assert benchmark.step_flops_per_device(lowered, 1) == by_hand == 55296
-    assert benchmark.step_flops_per_device(lowered, 4) == by_hand / 4  # a data-parallel share
+    assert costs.step_flops_per_device(lowered, 1) == by_hand == 55296
+    assert costs.step_flops_per_device(lowered, 4) == by_hand / 4  # a data-parallel share
     # GPU and TPU plugins refuse to analyse a lowered program; XLA's CPU cost model counts it then.
     refusing = mock.Mock(wraps=lowered, _lowering=lowered._lowering)
     refusing.cost_analysis.side_effect = NotImplementedError("Lowered.cost_analysis not implemented")
-    assert models.xla_flops(refusing) == by_hand
-    assert benchmark.mfu(by_hand, 1e-3, 1e9) == pytest.approx(by_hand / 1e-3 / 1e9)
-    assert benchmark.mfu(by_hand, 1e-3, None) is None and benchmark.mfu(None, 1e-3, 1e9) is None
+    assert costs.xla_flops(refusing) == by_hand
+    assert costs.mfu(by_hand, 1e-3, 1e9) == pytest.approx(by_hand / 1e-3 / 1e9)
+    assert costs.mfu(by_hand, 1e-3, None) is None and costs.mfu(None, 1e-3, 1e9) is None
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_flops_and_mfu_of_a_single_convolution():
     ],
 )
 def test_peak_flops_table(kind, dtype, tflops):
-    peak = benchmark.peak_flops_per_device(kind, dtype)
+    peak = costs.peak_flops_per_device(kind, dtype)
     assert peak == (pytest.approx(tflops * 1e12) if tflops else None)
 
 

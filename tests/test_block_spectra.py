@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import block_spectra, gradient_flow, jacobian_plots, jacobians, models
+from resnet_jax import block_spectra, gradient_norms, jacobians, models, study_plots
 
 
 def small_net(name, **kw):
@@ -68,7 +68,7 @@ def test_a_gradient_that_underflowed_to_zero_reads_n_a_in_the_summary_and_leaves
     text = jacobians.summary_text(document)
     assert "plain20 (norm=batch, relu, init): measured |dL/dx_0| / |dL/dx_L| = n/a (n/a per block)" in text
     assert "bound / measured n/a" in text and "Degradation" not in text
-    paths = jacobian_plots.plot(document, str(tmp_path / "not" / "yet"))  # the folder is created
+    paths = study_plots.plot_jacobians(document, str(tmp_path / "not" / "yet"))  # the folder is created
     assert [p.rsplit("/", 1)[1] for p in paths] == [
         "jacobian_spectra.png",
         "branch_spectra.png",
@@ -99,7 +99,7 @@ def test_the_last_blocks_gradient_is_taken_at_the_last_block_of_a_net_with_more_
     _, last_output = block_spectra.block_inputs(variables, x, model=model, train=True)
 
     def loss(at_output):
-        return gradient_flow.batch_loss(
+        return gradient_norms.batch_loss(
             model, variables, x, labels, output_perturbations={"layer3_17": at_output}
         )[0]
 

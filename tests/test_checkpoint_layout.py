@@ -1,7 +1,7 @@
 """Resuming with a config whose train state has another layout is refused, and nothing is moved.
 
 The keys that change the layout are found, not listed: every key of `defaults.py` is set to other
-valid values, and the abstract train state (`train.abstract_state`) compared with the default's. A
+valid values, and the abstract train state (`compiled_steps.abstract_state`) compared with the default's. A
 key added later is covered without anyone remembering it.
 """
 
@@ -11,7 +11,19 @@ import json
 import jax
 import pytest
 
-from resnet_jax import augment, checkpoint, data, defaults, models, optim, progress, train
+from resnet_jax import (
+    augment,
+    checkpoint,
+    compiled_steps,
+    data,
+    defaults,
+    models,
+    optim,
+    progress,
+    resume,
+    step,
+    train,
+)
 from resnet_jax.config_checks import ConfigError, check_config
 from tests.conftest import digits_config, run_script
 
@@ -64,7 +76,7 @@ def info():
 
 
 def layout(config):
-    return checkpoint.leaf_layout(train.abstract_state(config, info(), "cpu"))
+    return checkpoint.leaf_layout(compiled_steps.abstract_state(config, info(), "cpu"))
 
 
 def layout_changes():
@@ -153,8 +165,8 @@ def test_train_py_refuses_a_resume_that_adds_gradient_clipping_and_moves_nothing
 
 def test_the_abstract_state_is_what_init_builds():
     config = base_config()
-    steps = train.CompiledSteps(config, info(), jax.sharding.Mesh(jax.devices()[:1], ("data",)))
-    built = jax.eval_shape(steps.init, train.rng_key(config.seed))
+    steps = compiled_steps.CompiledSteps(config, info(), jax.sharding.Mesh(jax.devices()[:1], ("data",)))
+    built = jax.eval_shape(steps.init, step.rng_key(config.seed))
     assert checkpoint.leaf_layout(built) == layout(config)
 
 
@@ -162,9 +174,9 @@ def test_a_resume_reports_config_changes_by_value_and_a_stretched_schedule():
     config = check_config(digits_config())
     saved = json.loads(json.dumps(config.to_dict()))  # as the checkpoint holds it: tuples are lists
     assert checkpoint.changed_keys(saved, config) == []
-    assert train.schedule_change(saved, config, info(), 220) is None
+    assert resume.schedule_change(saved, config, info(), 220) is None
     longer = check_config(digits_config(num_epochs=15.0, log_every_steps=7))
     assert sorted(checkpoint.changed_keys(saved, longer)) == ["log_every_steps", "num_epochs"]
-    line = train.schedule_change(saved, longer, info(), 220)
+    line = resume.schedule_change(saved, longer, info(), 220)
     assert line.startswith("the learning-rate schedule changed (num_epochs 10.0 -> 15.0): it now spans 330 ")
     assert "steps instead of 220, and the rate at step 220 is 0.03227 instead of 0" in line

@@ -121,3 +121,20 @@ def test_every_link_between_the_docs_reaches_a_file_and_a_heading():
             elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                 problems.append(f"{path.name}: ({target}): no heading #{anchor} in {linked.name}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_config_table_lists_every_choice_of_every_key_with_choices():
+    """defaults.py names the registry of each key with choices instead of copying them (copies
+    drift); docs/training.md spells them out, so this keeps its table complete."""
+    from resnet_jax.config_checks import DOMAINS, Choice
+
+    rows = [
+        line for line in (ROOT / "docs" / "training.md").read_text().splitlines() if line.startswith("| `")
+    ]
+    for key, domain in DOMAINS.items():
+        if not isinstance(domain, Choice) or key == "model":  # the model row names the families
+            continue
+        row = next((r for r in rows if f"`{key}`" in r.split("|")[1]), None)
+        assert row is not None, f"docs/training.md has no row for config.{key}"
+        missing = [name for name in domain.names() if f"`{name}`" not in row]
+        assert not missing, f"docs/training.md's row of config.{key} lacks {missing}"

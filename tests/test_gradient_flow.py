@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from resnet_jax import gradient_flow, models
+from resnet_jax import gradient_flow, gradient_norms, models
 from tests.conftest import run_script
 
 F64 = jnp.float64
@@ -81,7 +81,7 @@ def test_grad_of_a_small_resnet_matches_central_finite_differences():
 
         @jax.jit
         def loss_and_grad(theta):
-            loss = lambda theta: gradient_flow.batch_loss(module, {"params": unravel(theta)}, x, labels)[0]
+            loss = lambda theta: gradient_norms.batch_loss(module, {"params": unravel(theta)}, x, labels)[0]
             return jax.value_and_grad(loss)(theta)
 
         loss = lambda theta: loss_and_grad(theta)[0]
@@ -112,11 +112,11 @@ def test_sigmoid_without_norm_the_plain_net_starves_the_input_of_gradient():
     x = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
     labels = jax.random.randint(jax.random.key(2), (8,), 0, 10)
     profiles = {}
-    for family in gradient_flow.FAMILIES:
+    for family in gradient_norms.FAMILIES:
         module = models.create(f"{family}20", 10, norm="none", activation="sigmoid", zero_init_residual=False)
         variables = module.init(jax.random.key(0), x[:1])
-        profiles[family] = gradient_flow.gradient_profile(module, variables, x, labels)
-    plain, v1, preact = (profiles[f]["input_grad_norm"] for f in gradient_flow.FAMILIES)
+        profiles[family] = gradient_norms.profiler(module, variables, x, labels)(variables)
+    plain, v1, preact = (profiles[f]["input_grad_norm"] for f in gradient_norms.FAMILIES)
     assert all(np.isfinite([plain, v1, preact])) and plain > 0
     assert plain / preact < 1e-6  # more than a million times less
     assert plain / v1 < 1e-2

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import data, degradation, jacobians, models, parallel, train
+from resnet_jax import compiled_steps, data, degradation, jacobians, models, parallel
 from resnet_jax.config_checks import check_config
 from resnet_jax.step import rng_key
 from tests.conftest import ROOT, run_script
@@ -22,7 +22,7 @@ def test_the_study_measures_the_variables_that_training_starts_from():
     info = data.load(config).info
     model = models.create(config.model, info.num_classes, zero_init_residual=config.zero_init_residual)
     ours = jacobians.initial_variables(config, info, model)
-    theirs = train.CompiledSteps(config, info, parallel.create_mesh()).init(rng_key(config.seed))
+    theirs = compiled_steps.CompiledSteps(config, info, parallel.create_mesh()).init(rng_key(config.seed))
     for a, b in zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(theirs.params), strict=True):
         np.testing.assert_array_equal(a, b)
 

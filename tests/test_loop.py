@@ -49,22 +49,25 @@ def test_throughput_window_rates_leave_out_the_excluded_time():
     clock = FakeClock()
     window = loop.ThroughputWindow(batch_size=64, clock=clock)
     clock.now += 30.0  # compile + first step
-    window.add(train_metrics(2.0))
+    window.add(train_metrics(2.0, learning_rate=0.1))
     assert window.restart_clock() == pytest.approx(30.0)
-    for loss in (1.0, 3.0):
-        window.add(train_metrics(loss))
+    for loss, rate in ((1.0, 0.2), (3.0, 0.3)):
+        window.add(train_metrics(loss, learning_rate=rate))
     clock.now += 4.0 + 10.0  # two steps in 4 s, then a 10 s evaluation
     window.exclude(10.0)
-    scalars = window.summary()
+    scalars, history = window.summary()
     assert scalars["steps_per_sec"] == pytest.approx(0.5)
     assert scalars["images_per_sec"] == pytest.approx(32.0)
     # The first step's metrics stay in the window (only its clock restarted): mean of 2, 1, 3.
     assert scalars["train_loss"] == pytest.approx(2.0)
     assert scalars["train_accuracy"] == pytest.approx(0.5)
-    assert scalars["learning_rate"] == pytest.approx(0.1)
+    # The learning rate is the last step's, and each step's for TensorBoard (not a mean).
+    assert scalars["learning_rate"] == pytest.approx(0.3)
+    assert history == {"learning_rate": [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)]}
     clock.now += 1.0
     window.add(train_metrics(0.5))
-    assert window.summary()["train_loss"] == pytest.approx(0.5)  # a new window
+    scalars, history = window.summary()  # a new window
+    assert scalars["train_loss"] == pytest.approx(0.5) and len(history["learning_rate"]) == 1
 
 
 def test_nonfinite_guard_names_the_first_bad_step_and_the_last_good_checkpoint():

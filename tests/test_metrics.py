@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_jax import metrics, progress, train, writers
+from resnet_jax import compiled_steps, data, metrics, progress, train, writers
 from tests.conftest import digits_config, run_script, xla_flags_with
 
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """One short digits run (logs at 3, 6; evals at 3, 6; profiles steps 2-3), shared by the tests."""
-    workdir = tmp_path_factory.mktemp("digits_run")
-    config = digits_config(
+def digits_run_config():
+    """Logs at 3, 6; evals at 3, 6; profiles steps 2-3; warmup clipped to 5 of the 6 steps."""
+    return digits_config(
         num_train_steps=STEPS,
         batch_size=32,
         log_every_steps=3,
@@ -29,7 +27,13 @@ def digits_run(tmp_path_factory):
         profile_steps="2:3",
         eval_images=8,
     )
-    train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One short digits run, shared by the tests."""
+    workdir = tmp_path_factory.mktemp("digits_run")
+    train.train_and_evaluate(digits_run_config(), str(workdir))
     return workdir
 
 
@@ -39,41 +43,84 @@ def read_events(logdir):
     return accumulator
 
 
+def run_events(workdir):
+    return read_events(workdir / "tensorboard" / workdir.name)
+
+
+def hparams_plugin_data(events):
+    """(experiment, session start info) as TensorBoard's hparams plugin reads them."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    read = lambda tag: plugin_data_pb2.HParamsPluginData.FromString(content[tag])
+    return read("_hparams_/experiment").experiment, read("_hparams_/session_start_info").session_start_info
+
+
 @pytest.mark.slow
-def test_tensorboard_events_hold_the_metrics_jsonl_scalars_at_their_steps(digits_run):
-    events_dir = digits_run / "tensorboard"
-    assert all(p.is_file() for p in events_dir.iterdir())  # one flat folder of event files
-    events = read_events(events_dir)
+def test_tensorboard_groups_the_metrics_jsonl_scalars_at_their_steps(digits_run):
+    events = run_events(digits_run)
     rows = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
     expected: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         for key, value in row.items():
             if key != "step":
-                expected.setdefault(key, []).append((row["step"], value))
+                expected.setdefault(writers.tensorboard_tag(key), []).append((row["step"], value))
     assert set(events.Tags()["scalars"]) == set(expected)
-    for tag in ("train_loss", "train_accuracy", "train_top5_accuracy", "learning_rate"):
+    assert {tag.split("/")[0] for tag in expected} == {"train", "eval"}  # two sections, no flat tags
+    for tag in ("train/loss", "train/accuracy", "train/top5_accuracy", "train/learning_rate"):
         assert [s for s, _ in expected[tag]] == [3, 6]
-    for tag in ("eval_loss", "eval_accuracy", "eval_top5_accuracy"):
+    for tag in ("eval/loss", "eval/accuracy", "eval/top5_accuracy"):
         assert [s for s, _ in expected[tag]] == [3, 6]
     for tag, points in expected.items():
-        read = [(e.step, e.value) for e in events.Scalars(tag)]
-        assert [s for s, _ in read] == [s for s, _ in points], tag
-        np.testing.assert_allclose([v for _, v in read], [v for _, v in points], rtol=1e-6)
+        read = {e.step: e.value for e in events.Scalars(tag)}
+        np.testing.assert_allclose([read[s] for s, _ in points], [v for _, v in points], rtol=1e-6)
+        if tag != "train/learning_rate":
+            assert sorted(read) == [s for s, _ in points], tag
 
 
 @pytest.mark.slow
-def test_config_is_in_the_hparams_plugin_and_eval_images_are_captioned(digits_run):
-    from tensorboard.plugins.hparams import plugin_data_pb2
+def test_tensorboard_has_the_schedules_learning_rate_at_every_step(digits_run):
+    config = digits_run_config()
+    _, _, schedule = compiled_steps.model_and_optimizer(config, data.load(config).info, "cpu")
+    rates = run_events(digits_run).Scalars("train/learning_rate")
+    assert [e.step for e in rates] == list(range(1, STEPS + 1))
+    # Step s is the s-th update, made with the schedule's rate at s - 1 (warmup starts at 0).
+    expected = [float(schedule(step - 1)) for step in range(1, STEPS + 1)]
+    np.testing.assert_allclose([e.value for e in rates], expected, rtol=1e-6)
+    assert len(set(expected)) == STEPS  # warmup: a window average or a repeated value would fail
 
-    events = read_events(digits_run / "tensorboard")
-    content = events.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    hparams = start.session_start_info.hparams
-    assert hparams["model"].string_value == "resnet20" and hparams["dataset"].string_value == "digits"
-    assert hparams["batch_size"].number_value == 32 and hparams["profile_steps"].string_value == "2:3"
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert "eval_accuracy" in {m.name.tag for m in experiment.metric_infos}
-    images = events.Images("eval_predictions")
+
+@pytest.mark.slow
+def test_tensorboard_names_the_run_after_its_workdir(digits_run):
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+
+    for logdir, run in (
+        (digits_run / "tensorboard", digits_run.name),
+        (digits_run, f"tensorboard/{digits_run.name}"),
+    ):
+        multiplexer = plugin_event_multiplexer.EventMultiplexer()
+        multiplexer.AddRunsFromDirectory(str(logdir))
+        assert list(multiplexer.Runs()) == [run]
+
+
+@pytest.mark.slow
+def test_hparams_lead_with_the_run_and_eval_images_are_captioned(digits_run):
+    from tensorboard.plugins.hparams import backend_context
+
+    events = run_events(digits_run)
+    experiment, start = hparams_plugin_data(events)
+    backend_context._sort_and_reduce_to_hparams_limit(experiment)  # TensorBoard's column order
+    columns = [info.display_name or info.name for info in experiment.hparam_infos]
+    assert columns[:7] == ["model", "optimizer", "learning_rate", "batch_size", "epochs", "dtype", "dataset"]
+    assert columns[7:] == sorted(columns[7:]) and "data_dir" not in columns  # unset: left out
+    value = {info.display_name: start.hparams[info.name] for info in experiment.hparam_infos}
+    assert value["model"].string_value == "resnet20" and value["dataset"].string_value == "digits"
+    assert value["learning_rate"].number_value == 0.1 and value["batch_size"].number_value == 32
+    assert value["epochs"].number_value == pytest.approx(STEPS / (1437 // 32))
+    assert value["profile_steps"].string_value == "2:3"
+    assert not [name for name, v in start.hparams.items() if v.string_value == "None"]
+    assert [m.name.tag for m in experiment.metric_infos] == list(writers.HPARAM_METRICS)
+    images = events.Images("eval/predictions")
     assert [i.step for i in images] == [3, 6]
     assert (images[0].width, images[0].height) == (4 * 64, 2 * (64 + 14))  # 8 images, 4 per row
 
@@ -95,7 +142,7 @@ MASKED_AVERAGE = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from resnet_jax import metrics, parallel
+    from resnet_jax import compiled_steps, metrics, parallel
 
     mesh = parallel.create_mesh()
     sharding = parallel.data_sharding(mesh)
@@ -166,25 +213,44 @@ def test_writers_write_nothing_on_other_processes_and_flatten_configs(tmp_path):
     writer.close()
     assert not list(tmp_path.iterdir())
     flat = writers.flatten({"model": "resnet20", "lr": 0.1, "nested": {"k": 3, "none": None, "t": (1, 2)}})
-    expected = {"model": "resnet20", "lr": 0.1, "nested.k": 3, "nested.none": "None", "nested.t": "(1, 2)"}
-    assert flat == expected
+    assert flat == {"model": "resnet20", "lr": 0.1, "nested.k": 3, "nested.t": "(1, 2)"}
+
+
+def test_metrics_jsonl_keys_map_to_grouped_tags_and_back():
+    keys = ["train_loss", "train_top5_accuracy", "learning_rate", "images_per_sec", "eval_accuracy"]
+    tags = [writers.tensorboard_tag(key) for key in keys]
+    assert tags == [
+        "train/loss",
+        "train/top5_accuracy",
+        "train/learning_rate",
+        "train/images_per_sec",
+        "eval/accuracy",
+    ]
+    assert [writers.metrics_key(tag) for tag in tags] == keys
+    assert [writers.metrics_key(key) for key in keys] == keys  # keys pass through
+    assert writers.tensorboard_tag("config") == "config" == writers.metrics_key("config")
 
 
 def test_multi_writer_sends_every_call_to_each_writer(tmp_path, capsys):
-    writer = writers.create_writer(str(tmp_path), stdout=True)
+    workdir = tmp_path / "my_run"
+    workdir.mkdir()
+    writer = writers.create_writer(str(workdir), stdout=True)
     writer.write_hparams({"model": "resnet20"})
-    writer.write_scalars(5, {"train_loss": np.float32(0.5), "learning_rate": 0.1})
+    history = {"learning_rate": [0.3, 0.2, 0.1]}  # steps 3, 4, 5
+    writer.write_scalars(5, {"train_loss": np.float32(0.5), "learning_rate": 0.1}, history)
     writer.write_images(5, {"eval_predictions": np.zeros((4, 4, 3), np.uint8)})
     writer.close()
-    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+    assert json.loads((workdir / "metrics.jsonl").read_text()) == {
         "step": 5,
         "train_loss": 0.5,
         "learning_rate": 0.1,
     }
     out = capsys.readouterr().out
     assert "step 5 | train_loss 0.5 | learning_rate 0.1" in out and "hparams: model=resnet20" in out
-    events = read_events(tmp_path / "tensorboard")
-    assert events.Tags()["images"] == ["eval_predictions"] and events.Scalars("train_loss")[0].step == 5
+    events = read_events(workdir / "tensorboard" / "my_run")
+    assert events.Tags()["images"] == ["eval/predictions"] and events.Scalars("train/loss")[0].step == 5
+    rates = [(e.step, e.value) for e in events.Scalars("train/learning_rate")]
+    assert rates == [(3, pytest.approx(0.3)), (4, pytest.approx(0.2)), (5, pytest.approx(0.1))]
 
 
 def test_prediction_grid_tiles_images_with_captions():

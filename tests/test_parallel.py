@@ -16,14 +16,15 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from resnet_jax import data, models, parallel, train
+from resnet_jax import compiled_steps, data, models, parallel
 from resnet_jax.config_checks import ConfigError, check_config
-from resnet_jax.step import init_state, join_micro_batches, split_micro_batches, train_step
+from resnet_jax.step import StepOptions, init_state, join_micro_batches, split_micro_batches, train_step
 from tests.conftest import ROOT, digits_config, free_port, run_script, xla_flags_with
 
 
@@ -144,7 +145,7 @@ def test_grad_accumulation_without_batch_norm_equals_one_big_batch():
                 schedule=optax.constant_schedule(0.05),
                 mean=(100.0,),
                 std=(80.0,),
-                grad_accum_steps=grad_accum_steps,
+                options=StepOptions(grad_accum_steps=grad_accum_steps),
             )
         )
         state, collected = initial, []
@@ -199,9 +200,25 @@ def test_batch_that_does_not_split_evenly_is_named(batch, options, message):
     assert str(error.value) == message
 
 
-def test_a_batch_that_splits_evenly_gives_the_process_share():
-    share = parallel.check_batch_size("b", 256, fake_mesh(8), grad_accum_steps=4, bn_group_size=8)
-    assert share == 256 // jax.process_count()
+def test_a_batch_that_splits_evenly_passes():
+    assert parallel.check_batch_size("b", 256, fake_mesh(8), grad_accum_steps=4, bn_group_size=8) is None
+
+
+def test_run_sizes_are_the_one_account_of_batch_and_length():
+    config = ml_collections.ConfigDict(
+        dict(batch_size=256, grad_accum_steps=4, bn_group_size=8, num_train_steps=-1, num_epochs=2.5)
+    )
+    sizes = parallel.run_sizes(config, num_train=1000, num_devices=8, process_count=2)
+    assert sizes == parallel.RunSizes(
+        global_batch=256, local_batch=128, batch_unit=256, steps_per_epoch=3, total_steps=7
+    )
+    config.num_train_steps = 11  # a step count overrides the epochs
+    assert parallel.run_sizes(config, num_train=100).total_steps == 11
+    assert parallel.run_sizes(config, num_train=100).steps_per_epoch == 1  # never 0
+    with pytest.raises(ConfigError, match=r"config.batch_size=256 does not divide .* use a multiple of 512"):
+        parallel.run_sizes(config, num_train=1000, num_devices=16)
+    with pytest.raises(ConfigError, match="does not split over 3 processes"):
+        parallel.local_batch_size(256, 3)
 
 
 def test_zero_devices_is_an_error():
@@ -227,7 +244,7 @@ def test_trainer_rejects_a_batch_that_does_not_split_into_micro_batches():
     with pytest.raises(
         ConfigError, match="config.batch_size=30 does not divide over 1 device x grad_accum_steps=4"
     ):
-        train.CompiledSteps(config, data.load(config).info, parallel.create_mesh(jax.devices()[:1]))
+        compiled_steps.CompiledSteps(config, data.load(config).info, parallel.create_mesh(jax.devices()[:1]))
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,15 @@ def test_read_metrics_keeps_the_last_value_of_a_repeated_step(tmp_path):
     assert series["eval_accuracy"] == ([20], [0.9])
 
 
+def test_read_metrics_takes_tensorboard_tags_as_their_metrics_jsonl_keys(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 10, "train/loss": 0.5, "train/learning_rate": 0.1}, {"step": 10, "eval/accuracy": 0.9}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = {"train_loss": [0.5], "learning_rate": [0.1], "eval_accuracy": [0.9]}
+    assert plot.read_metrics(str(run)) == {key: ([10], values) for key, values in expected.items()}
+
+
 def test_same_folder_names_are_told_apart_by_their_paths(tmp_path):
     assert plot.run_label("x/a", ["x/a", "y/a"]) == "x/a"
     assert plot.run_label("x/a/", ["x/a/", "y/b"]) == "a"

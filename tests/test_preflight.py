@@ -7,7 +7,7 @@ import re
 import pytest
 from conftest import ROOT, module_available, run_script
 
-from resnet_jax import preflight, targets
+from resnet_jax import preflight, preflight_worker, targets
 
 needs_extra = pytest.mark.skipif(
     not (module_available("libtpu") and module_available("jax_plugins.xla_cuda12")),
@@ -114,7 +114,7 @@ def test_max_batch_memory_grows_with_the_batch(tmp_path):
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
     largest, miss = row["max_batch"], row["first_batch_that_does_not_fit"]
     assert miss > largest > 64
-    assert miss - largest <= preflight.resolution(largest, 1)
+    assert miss - largest <= preflight_worker.resolution(largest, 1)
     fitting = {p["batch_size"]: p["fits"] for p in probes}
     assert fitting[largest] and not fitting[miss]
 
@@ -165,12 +165,13 @@ def test_a_batch_that_does_not_divide_is_refused_before_compiling():
 
     config = cifar10_resnet20.get_config()
     config.grad_accum_steps = 2
-    message = preflight.check_batch(config, targets.target("v5e-16"), 48)
-    assert message == (
+    # No mesh and no dataset: a refused batch never gets as far as building the steps.
+    refused = preflight_worker.compile_step(config, None, targets.target("v5e-16"), None, 48, "train")
+    assert (refused.compiled, refused.fits) == (False, False)
+    assert refused.reason == (
         "config.batch_size=48 does not divide over 16 devices x grad_accum_steps=2 micro-batches; "
         "use a multiple of 32 (e.g. 32 or 64)"
     )
-    assert preflight.check_batch(config, targets.target("v5e-16"), 64) == ""
 
 
 @needs_extra
@@ -178,10 +179,10 @@ def test_every_target_describes_its_devices():
     """The table's topologies give the device and process counts it claims, of the right kind."""
     script = (
         "import json\n"
-        "from resnet_jax import preflight, targets\n"
+        "from resnet_jax import preflight_worker, targets\n"
         "out = {}\n"
         "for t in targets.TARGETS.values():\n"
-        "    devices = preflight.topology_devices(t)\n"
+        "    devices = preflight_worker.topology_devices(t)\n"
         "    out[t.name] = [len(devices), len({d.process_index for d in devices}), devices[0].device_kind]\n"
         "print(json.dumps(out))\n"
     )
@@ -203,13 +204,14 @@ class FakeCompiler:
     def __call__(self, batch_size):
         self.calls.append(batch_size)
         total = 2**30 + batch_size * 10 * 2**20
-        return preflight.Compiled(batch_size, compiled=True, fits=total <= 16 * 2**30, total_bytes=total)
+        fits = total <= 16 * 2**30
+        return preflight_worker.Compiled(batch_size, compiled=True, fits=fits, total_bytes=total)
 
 
 @pytest.mark.parametrize("start", [64, 1024, 4096])
 def test_max_batch_search_finds_the_limit_in_a_few_compiles(start):
     compile_at = FakeCompiler()
-    largest, miss, probes = preflight.search_max_batch(compile_at, compile_at(start), 64, 16 * 2**30)
+    largest, miss, probes = preflight_worker.search_max_batch(compile_at, compile_at(start), 64, 16 * 2**30)
     assert largest == 1536 and miss == 1600  # exact: the memory is linear
     assert len(probes) <= 4 and len(set(compile_at.calls)) == len(compile_at.calls)
 
@@ -219,7 +221,7 @@ def test_max_batch_search_without_a_line_bisects_to_the_resolution():
 
     def compile_at(batch_size):
         fits = batch_size <= 5000
-        return preflight.Compiled(batch_size, compiled=True, fits=fits, total_bytes=None)
+        return preflight_worker.Compiled(batch_size, compiled=True, fits=fits, total_bytes=None)
 
-    largest, miss, probes = preflight.search_max_batch(compile_at, compile_at(256), 8, 2**34, limit=20)
-    assert largest <= 5000 < miss and miss - largest <= preflight.resolution(largest, 8)
+    largest, miss, probes = preflight_worker.search_max_batch(compile_at, compile_at(256), 8, 2**34, limit=20)
+    assert largest <= 5000 < miss and miss - largest <= preflight_worker.resolution(largest, 8)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, data, mixing, models, optim, parallel, train
+from resnet_jax import checkpoint, compiled_steps, data, mixing, models, optim, parallel, train
 from resnet_jax import step as step_lib
 from resnet_jax.config_checks import check_config
 from resnet_jax.step import TrainState, rng_key, state_from_variables, train_step, update_loss_scale
@@ -92,7 +92,7 @@ def constant_sgd(**overrides):
 def test_ema_moves_by_the_decay_formula_and_evaluation_uses_it(tiny_setup):
     _, batch, _ = tiny_setup
     state, step = make_step(tiny_resnet(), tiny_setup, constant_sgd(), ema=True)
-    step = jax.jit(functools.partial(step, ema_decay=0.9))
+    step = jax.jit(functools.partial(step, options=step_lib.StepOptions(ema_decay=0.9)))
     jax.tree.map(
         np.testing.assert_array_equal, state.ema, {"params": state.params, "batch_stats": state.batch_stats}
     )
@@ -164,7 +164,7 @@ def test_float16_loss_scaling_skips_overflows_and_recovers(tiny_setup):
     _, batch, _ = tiny_setup
     model = tiny_resnet(dtype=jnp.float16)
     state, step = make_step(model, tiny_setup, constant_sgd(), loss_scale=2.0**30)
-    step = jax.jit(functools.partial(step, loss_scale_period=1000))
+    step = jax.jit(functools.partial(step, options=step_lib.StepOptions(loss_scale_period=1000)))
     scales, skipped, losses = [], [], []
     for _ in range(24):
         before = jax.device_get(state.params)
@@ -295,7 +295,7 @@ def test_reference_config_builds_and_runs_with_its_schedule(name):
     small.dataset, small.batch_size, small.num_train_steps = "synthetic", 8, 3
     small.image_size, small.model = 8, "resnet20"
     dataset = data.load(small)
-    steps = train.CompiledSteps(small, dataset.info, parallel.create_mesh())
+    steps = compiled_steps.CompiledSteps(small, dataset.info, parallel.create_mesh())
     state = steps.init(rng_key(0))
     assert bool(state.ema) == (config.ema_decay > 0)
     rng = np.random.default_rng(0)
@@ -381,7 +381,7 @@ def test_a_digits_run_with_the_rsb_ingredients_learns_and_evaluates_at_a_larger_
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if "eval_accuracy" in r][-1]
     assert final["eval_accuracy"] > 0.6, final  # chance is 0.1
-    dataset = train.load_dataset(check_config(config))
+    dataset, _ = train.load_dataset(check_config(config))
     assert dataset.info.eval_image_shape == (16, 16, 1) and dataset.info.image_shape == (12, 12, 1)
     assert next(data.eval_batches(dataset, global_batch_size=8))["image"].shape == (8, 16, 16, 1)
 

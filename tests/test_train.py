@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import data, inference, models, parallel, train
+from resnet_jax import compiled_steps, data, inference, models, parallel, train
 from resnet_jax.step import cross_entropy
 from tests.conftest import digits_config
 
@@ -22,7 +22,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def steps(dataset):
-    return train.CompiledSteps(digits_config(**CONFIG), dataset.info, parallel.create_mesh())
+    return compiled_steps.CompiledSteps(digits_config(**CONFIG), dataset.info, parallel.create_mesh())
 
 
 @pytest.fixture(scope="module")

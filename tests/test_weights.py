@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import convert, finetune, models, weights
+from resnet_jax import compiled_steps, convert, finetune, models, resume, weights
 from resnet_jax.step import normalize
 from tests.make_torch_reference import (
     ARCHITECTURES,
@@ -207,16 +207,16 @@ def assert_backbone_equal(a, b):
 
 @pytest.mark.slow
 def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_path, make_digits_config):
-    from resnet_jax import checkpoint, data, parallel, train
+    from resnet_jax import checkpoint, data, parallel
 
     config = make_digits_config(num_train_steps=2, freeze_backbone=True)
     dataset = data.load(config)
-    steps = train.CompiledSteps(config, dataset.info, parallel.create_mesh())
+    steps = compiled_steps.CompiledSteps(config, dataset.info, parallel.create_mesh())
 
     def start(init_from):
-        steps.config.init_from = str(tmp_path / init_from)
+        pretrained = finetune.load_pretrained(str(tmp_path / init_from), config.model)
         workdir = tmp_path / f"run_{init_from}"
-        state, step = train.restore_or_init(steps, checkpoint.Checkpoints(str(workdir)), None)
+        state, step = resume.restore_or_init(steps, checkpoint.Checkpoints(str(workdir)), None, pretrained)
         assert step == 0
         return state
 
@@ -248,7 +248,8 @@ def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_pat
     # The data is normalised like the pretrained weights' data (saved beside them), and a missing
     # init_from fails here, before train_and_evaluate compiles anything.
     logged = []
-    normalised = finetune.with_pretrained_normalization(dataset, str(tmp_path / "pre7"), logged.append)
+    pretrained = finetune.load_pretrained(str(tmp_path / "pre7"), config.model)
+    normalised = finetune.with_pretrained_normalization(dataset, pretrained, logged.append)
     assert (
         (normalised.info.mean, normalised.info.std)
         == ((0.0,), (1.0,))
@@ -256,7 +257,7 @@ def test_fine_tuning_replaces_the_head_and_linear_probing_trains_only_it(tmp_pat
     )
     assert "normalising inputs like the pretrained weights" in logged[0]
     with pytest.raises(weights.WeightsError, match="config.init_from=.*no checkpoint"):
-        finetune.with_pretrained_normalization(dataset, str(tmp_path / "missing"), logged.append)
+        finetune.load_pretrained(str(tmp_path / "missing"), config.model)
 
 
 @pytest.mark.parametrize("height,width", [(375, 500), (427, 640), (500, 333), (256, 256), (301, 300)])
