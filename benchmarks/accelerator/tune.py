@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from check import benchmark_command, child_environment, run_process, table, with_xla_flags  # noqa: E402
+from check import benchmark_command, child_environment, run_process, tables, with_xla_flags  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +184,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['mfu']:.1%}" if speed and r.get("mfu") else "-",
             ]
         )
-    lines = table(
+    lines = tables.markdown(
         [
             "variant",
             "XLA flags added",
