@@ -29,7 +29,13 @@ flags.DEFINE_integer("warmup_steps", 5, "Untimed steps after compiling.")
 flags.DEFINE_string("mode", "train", "train (forward, backward, update) or eval (inference).")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: table by device kind).")
 flags.DEFINE_string("json", None, "Write the rows of figures to this JSON file.")
-flags.DEFINE_string("data", None, "Feed the step from this dataset spec instead of device-made batches.")
+flags.DEFINE_list(
+    "data",
+    None,
+    "Feed the step from these dataset specs (and/or 'device': batches made on the devices, the "
+    "default), each through every --loader: e.g. device,folder:/data/imagenet.",
+)
+flags.DEFINE_list("loader", ["grain"], "Input pipelines for --data specs: grain, dali (config.loader).")
 flags.DEFINE_integer("seed", 0, "Seed for init and the synthetic batch.")
 flags.DEFINE_float(
     "time_budget_s",
@@ -72,7 +78,8 @@ def main(argv):
             warmup_steps=FLAGS.warmup_steps,
             mode=FLAGS.mode,
             peak_tflops=FLAGS.peak_tflops,
-            data=FLAGS.data,
+            data=tuple(FLAGS.data) if FLAGS.data else None,
+            loaders=tuple(FLAGS.loader),
             seed=FLAGS.seed,
             time_budget_s=FLAGS.time_budget_s,
         )

@@ -330,6 +330,7 @@ class Preprocessing:
     random_erase_prob: float = 0.0
     eval_image_size: int = 0  # 0: the train image_size
     eval_crop_pct: float = 0.0  # 0: IMAGENET_EVAL_CROP for ImageNet-style data, else 1
+    loader: str = "grain"  # dali.LOADERS: who decodes
 
     @classmethod
     def from_config(cls, config: Any) -> Preprocessing:
@@ -339,6 +340,7 @@ class Preprocessing:
             random_erase_prob=config.random_erase_prob,
             eval_image_size=config.eval_image_size,
             eval_crop_pct=config.eval_crop_pct,
+            loader=config.loader,
         )
 
     def train_transform(

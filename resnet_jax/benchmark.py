@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import costs, data, models, parallel, tables
+from resnet_jax import costs, dali, data, models, parallel, tables
 from resnet_jax import progress as progress_lib
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.errors import UserError, check_choice
@@ -49,11 +49,18 @@ class Options:
     warmup_steps: int = 5
     mode: str = "train"
     peak_tflops: float | None = None  # per device; overrides targets.ACCELERATORS
-    data: str | None = None  # None: batches made on the devices; else a dataset spec
+    # Where batches come from: "device" (made on the devices) and/or dataset specs fed through the
+    # real input pipeline, each by every loader of `loaders`; one spec alone may be a string.
+    data: str | tuple[str, ...] | None = None
+    loaders: tuple[str, ...] = ("grain",)
     seed: int = 0
     # Seconds for the whole sweep: a configuration that would likely end past them is skipped (and
     # said so), judged by the longest configuration so far. None: no limit.
     time_budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        sources = (self.data,) if isinstance(self.data, str) else tuple(self.data or (DEVICE_DATA,))
+        object.__setattr__(self, "data", sources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,8 @@ class Case:
     image_size: int
     dtype: str
     batch_size: int  # global
+    data: str = DEVICE_DATA  # or a dataset spec fed by `loader`
+    loader: str = "grain"
 
 
 # ---------------------------------------------------------------- planning and checks
@@ -119,8 +128,11 @@ def check_options(options: Options, mesh: jax.sharding.Mesh) -> None:
         for dtype in options.dtypes:
             check_choice("--dtype", dtype, tuple(models.DTYPES))
         check_choice("--mode", options.mode, MODES)
-        if options.data is not None:
-            data.parse_spec(options.data)
+        for loader in options.loaders:
+            check_choice("--loader", loader, dali.LOADERS)
+        for spec in options.data:
+            if spec != DEVICE_DATA:
+                data.parse_spec(spec)
         for batch_size in global_batch_sizes(options, mesh.devices.size):
             parallel.check_batch_size("--batch_size", batch_size, mesh)
     except BenchmarkError:
@@ -132,13 +144,19 @@ def check_options(options: Options, mesh: jax.sharding.Mesh) -> None:
 def plan(options: Options, mesh: jax.sharding.Mesh) -> list[Case]:
     """Every configuration of the sweep, checked."""
     check_options(options, mesh)
+    feeds = [
+        (spec, loader)
+        for spec in options.data
+        for loader in ((DEVICE_DATA,) if spec == DEVICE_DATA else options.loaders)
+    ]
     return [
-        Case(model, size, dtype, batch)
-        for model, size, dtype, batch in itertools.product(
+        Case(model, size, dtype, batch, spec, "grain" if loader == DEVICE_DATA else loader)
+        for model, size, dtype, batch, (spec, loader) in itertools.product(
             options.models,
             options.image_sizes,
             options.dtypes,
             global_batch_sizes(options, mesh.devices.size),
+            feeds,
         )
     ]
 
@@ -151,7 +169,8 @@ def case_config(base: ml_collections.ConfigDict, case: Case, options: Options) -
     config.image_size = case.image_size
     config.batch_size = case.batch_size
     config.eval_batch_size = case.batch_size
-    config.dataset = options.data or "synthetic"
+    config.dataset = "synthetic" if case.data == DEVICE_DATA else case.data
+    config.loader = case.loader
     config.num_train_steps = options.warmup_steps + options.steps + 2
     config.seed = options.seed
     try:
@@ -213,7 +232,8 @@ def figures(
         "per_device_batch_size": case.batch_size // devices,
         "image_size": case.image_size,
         "dtype": case.dtype,
-        "data": options.data or DEVICE_DATA,
+        "data": case.data,
+        "loader": case.loader if case.data != DEVICE_DATA else "-",
         "optimizer": config.optimizer,
         "num_params": int(compiled.num_params),
         "steps": len(times),
@@ -254,7 +274,7 @@ def run_case(
 ) -> dict[str, Any]:
     """Compile, warm up and time one configuration; return its row of figures."""
     compiled = compile_step(
-        config, dataset, mesh, mode=options.mode, seed=options.seed, pipeline=options.data is not None
+        config, dataset, mesh, mode=options.mode, seed=options.seed, pipeline=case.data != DEVICE_DATA
     )
     progress(
         f"    {'loaded from the compilation cache' if compiled.compile_cache_hit else 'compiled'} in "
@@ -271,7 +291,7 @@ def describe_case(case: Case, options: Options, mesh: jax.sharding.Mesh) -> str:
     return (
         f"{case.model} {options.mode}, batch {case.batch_size} "
         f"({case.batch_size // mesh.devices.size}/device), {case.image_size}px, {case.dtype}, "
-        f"data {options.data or DEVICE_DATA}"
+        f"data {case.data}" + (f" ({case.loader})" if case.data != DEVICE_DATA else "")
     )
 
 
@@ -291,9 +311,9 @@ def run(
     mesh = parallel.create_mesh() if mesh is None else mesh
     cases = plan(options, mesh)
     configs = [case_config(base_config, case, options) for case in cases]
-    datasets: dict[tuple[str, int], data.Dataset] = {}
+    datasets: dict[tuple[str, int, str], data.Dataset] = {}
     for config in configs:
-        key = (config.dataset, config.image_size)
+        key = (config.dataset, config.image_size, config.loader)
         if key not in datasets:
             datasets[key] = load_dataset(config)
     progress(f"{len(cases)} configuration(s) on {parallel.describe(mesh)}")
@@ -310,7 +330,8 @@ def run(
             continue
         progress(f"[{i + 1}/{len(cases)}] {describe_case(case, options, mesh)}: compiling")
         case_start = time.perf_counter()
-        row = run_case(case, options, config, datasets[(config.dataset, config.image_size)], mesh)
+        dataset = datasets[(config.dataset, config.image_size, config.loader)]
+        row = run_case(case, options, config, dataset, mesh)
         longest = max(longest, time.perf_counter() - case_start)
         progress(f"    {row['images_per_sec']:.1f} img/s, median step {row['step_time_median_ms']:.1f} ms")
         rows.append(row)
@@ -325,12 +346,12 @@ def run(
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table, one line per configuration, with where it was measured underneath."""
     header, body = tables.cells(tables.BENCHMARK_COLUMNS, rows)
-    lines = tables.text(header, body, left=("model", "mode", "dtype")).splitlines()
+    lines = tables.text(header, body, left=("model", "mode", "dtype", "data", "loader")).splitlines()
     if rows:
         r = rows[0]
         lines.append(
             f"{r['device_count']} x {r['device_kind']} ({r['process_count']} process(es)), "
-            f"jax {r['jax_version']}, jaxlib {r['jaxlib_version']}, data: {r['data']}"
+            f"jax {r['jax_version']}, jaxlib {r['jaxlib_version']}"
         )
     return "\n".join(lines)
 

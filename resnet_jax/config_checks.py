@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import ml_collections
 import numpy as np
 
-from resnet_jax import augment, autoaugment, data, defaults, models, optim, progress, step
+from resnet_jax import augment, autoaugment, dali, data, defaults, models, optim, progress, step
 from resnet_jax.errors import ConfigError, check_choice, did_you_mean
 
 INT32_MAX = 2**31 - 1  # the step and loss-scale counters are int32 on the device
@@ -220,6 +220,7 @@ DOMAINS: dict[str, Domain] = {
     "train_split": Text(words="a split name, e.g. 'train'"),
     "eval_split": Text(words="'auto' or a split name, e.g. 'validation'"),
     "folder_eval_fraction": Float("(0, 1)"),
+    "loader": Choice(dali.LOADERS),
     "num_workers": Int(-1, MAX_WORKERS, words="-1 (auto), 0 (no worker processes) or more"),
     "device_prefetch": Int(0, MAX_PREFETCH, zero="off"),
     "batch_size": Int(1, MAX_BATCH_SIZE),
@@ -338,6 +339,7 @@ def check_config(config: Any, workdir: str | None = None) -> ml_collections.Conf
             f"config.bce_target_threshold={config.bce_target_threshold!r} applies to loss='bce' only "
             f"(config.loss={config.loss!r})"
         )
+    dali.check_config(config)
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError(
             f"config.num_epochs={config.num_epochs!r} and config.num_train_steps={config.num_train_steps!r}: "

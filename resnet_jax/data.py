@@ -18,7 +18,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from resnet_jax import augment, parallel, progress, shards, sources
+from resnet_jax import augment, dali, parallel, progress, shards, sources
 from resnet_jax.augment import Example
 
 SPEC_FORMS = ("digits", "synthetic", "tfds:NAME", "folder:PATH", "prepared:DIR")
@@ -56,6 +56,21 @@ class Dataset:
     eval_source: Sequence[Example]
     train_transform: Callable[[Example, np.random.Generator], Example]
     eval_transform: Callable[[Example], Example]
+    decoder: dali.Decoder | None = None  # loader="dali": the transforms prepare, DALI decodes
+
+    def to_global(
+        self, batch: Example, sharding: Any, global_batch_size: int | None = None, train: bool = True
+    ) -> dict[str, Any]:
+        """A host-local batch of the loaders as the global, sharded batch the steps take."""
+        if self.decoder is not None:
+            return self.decoder.to_global(batch, sharding, train)
+        return parallel.to_global(batch, sharding, global_batch_size)
+
+    def host_images(self, batch: Example, train: bool = False) -> np.ndarray:
+        """The uint8 images of a host-local batch (DALI's decoded, for the loaders that prepare)."""
+        if self.decoder is None:
+            return batch["image"]
+        return self.decoder.host_images(batch, train)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -143,6 +158,7 @@ def assemble(
     eval_size = eval_side(image_size, p.eval_image_size)
     eval_transform = augment.EvalTransform(eval_size, found.channels, crop)
     mean, std = found.stats or estimate_stats(found.train, eval_transform)
+    decoder = None
     info = DatasetInfo(
         name=found.name,
         num_classes=len(found.class_names),
@@ -157,7 +173,11 @@ def assemble(
         eval_image_shape=(eval_size, eval_size, found.channels),
     )
     train_transform = p.train_transform(style, image_size, found.channels, (mean, std), draft)
-    return Dataset(info, found.train, found.eval, train_transform, eval_transform)
+    if p.loader == "dali":
+        dali.check_dataset(style, found.channels)
+        train_transform, eval_transform = dali.TrainPrep(), dali.EvalPrep(eval_size, crop)
+        decoder = dali.Decoder(image_size, eval_size)
+    return Dataset(info, found.train, found.eval, train_transform, eval_transform, decoder)
 
 
 def eval_side(image_size: int, eval_image_size: int = 0) -> int:
@@ -202,15 +222,20 @@ def write_class_names(info: DatasetInfo, workdir: str) -> str:
 
 
 def stack_examples(examples: Sequence[Example]) -> Example:
-    return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
+    """One batch; encoded files (`dali.RAGGED`) differ in length and stay a list."""
+    return {
+        key: [ex[key] for ex in examples] if key in dali.RAGGED else np.stack([ex[key] for ex in examples])
+        for key in examples[0]
+    }
 
 
 def resolve_workers(num_workers: int, dataset: Dataset) -> int:
-    """config.num_workers: -1 = auto (none for in-memory data, else one per core up to 16)."""
+    """config.num_workers: -1 = auto (none for in-memory data or DALI, else one per core up to 16)."""
     if num_workers >= 0:
         return num_workers
     in_memory = isinstance(dataset.train_source, sources.ArraySource | sources.SyntheticSource)
-    return 0 if in_memory else min(16, os.cpu_count() or 1)
+    # With DALI the host only reads files and draws crops: grain's threads keep up.
+    return 0 if in_memory or dataset.decoder is not None else min(16, os.cpu_count() or 1)
 
 
 def _workers_unavailable() -> str | None:
@@ -307,14 +332,12 @@ def eval_batches(
     """
     source, n = dataset.eval_source, len(dataset.eval_source)
     num_batches = -(-n // global_batch_size)
-    shape = dataset.info.eval_image_shape
+    padding = {"image": np.zeros((1, 1, dataset.info.eval_image_shape[-1]), np.uint8), "label": 0, "valid": 0}
 
     def example(index: int) -> Example:
-        if index < n:
-            ex = dataset.eval_transform(source[index])
-            mask = np.float32(ex.get("valid", 1))
-            return {"image": ex["image"], "label": np.int32(ex["label"]), "mask": mask}
-        return {"image": np.zeros(shape, np.uint8), "label": np.int32(0), "mask": np.float32(0)}
+        ex = dataset.eval_transform(source[index] if index < n else padding)
+        mask = np.float32(ex.pop("valid", 1))
+        return {**ex, "label": np.int32(ex["label"]), "mask": mask}
 
     ds = (
         grain.MapDataset.range(num_batches * global_batch_size)[process_index::process_count]

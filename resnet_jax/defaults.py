@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_split = "train"  # tfds split names
     config.eval_split = "auto"  # auto: validation if the dataset has one, else test
     config.folder_eval_fraction = 0.1  # folder: without train/ and val/, this share of each class is eval
+    # dali.LOADERS: grain decodes on the host; dali decodes the ImageNet crop with NVIDIA DALI (on the
+    # GPU of a GPU host; docs/data.md says when it pays). grain keeps the order and the position either way.
+    config.loader = "grain"
     config.num_workers = -1  # grain worker processes per host; -1: 0 for in-memory data, else one per core
     config.device_prefetch = 1  # global batches sent to the devices ahead of the step (0: none)
     config.batch_size = 256  # global, over all devices and hosts

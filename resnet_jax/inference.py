@@ -61,7 +61,7 @@ def evaluate(
     eval_state, sharding = state.for_eval(), parallel.data_sharding(mesh)
     results = []
     for i, batch in enumerate(batches):
-        results.append(compiled_eval_step(eval_state, parallel.to_global(batch, sharding)))
+        results.append(compiled_eval_step(eval_state, dataset.to_global(batch, sharding, train=False)))
         if track is not None:
             track(i, results[-1])
         parallel.in_order(results[-1])

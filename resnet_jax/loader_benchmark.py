@@ -4,6 +4,7 @@
         [--workers 0,1] [--cores 1] [--batches 50] [--images 512] [--json F]
         [--sources originals,prepared] [--shorter_side 256] [--quality 90]
         [--feed v5p-8,h100x8] [--feed_config configs/imagenet_resnet50.py] [--preflight_json F]
+        [--loader grain,dali]
 
 `cifar`: in-memory 32x32 images with CIFAR augmentation (pad-crop-flip), batch 128.
 `imagenet`: a folder of JPEG files with ImageNet's sizes (`write_jpeg_folder`), decoded,
@@ -15,6 +16,11 @@ at the DCT scale the crop needs. `--cores 1` pins the benchmark and its workers 
 images/s per core. `--sources prepared` also times the same files after `python -m
 resnet_jax.prepare` (shorter side `--shorter_side`, JPEG quality `--quality`), side by side.
 
+`--loader grain,dali` also times NVIDIA DALI's decoding of the same batches (`config.loader="dali"`):
+its CPU operators on a host without a GPU, nvJPEG (`device="mixed"`) with the batch left on the GPUs
+where JAX has them; grain still reads the files and draws the crops. DALI does no policies, so its
+rows are for `imagenet` alone.
+
 `--feed TARGET,...` answers "will this host keep up?": for each pipeline, its images/s per core,
 the train step's images/s on each target (the preflight's target names, or `here`: measured on this
 host's devices; a named target whose accelerator this host has is measured here too, else its
@@ -24,13 +30,12 @@ preflight roofline bound, an upper limit, is compiled for it on the CPU or read 
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +43,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from resnet_jax import augment, cli, data, prepare, shards, sources, targets
+from resnet_jax import augment, cli, dali, data, feed, prepare, shards, sources, targets
 from resnet_jax.errors import UserError
 
 KINDS = {
@@ -50,8 +55,6 @@ KINDS = {
 }
 DECODES = ("reduced", "full")
 SOURCES = ("originals", "prepared")
-HERE = "here"  # --feed: this host's own devices, measured
-FEED_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "imagenet_resnet50.py")
 # ImageNet's training images: most are 500 px on the long side (500x375, 500x333 and their
 # portraits), the rest spread from about 200 to 1000 px; about 110 KB each.
 COMMON_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500))
@@ -104,12 +107,13 @@ def measure(dataset: data.Dataset, batch_size: int, workers: int, batches: int) 
     """Seconds to the first batch (worker start-up included), then images/s over `batches` batches."""
     t0 = time.perf_counter()
     loader = data.train_loader(dataset, global_batch_size=batch_size, seed=0, num_workers=workers)
+    decode = decoding(dataset)
     try:
-        next(loader)
+        decode(next(loader))
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(batches):
-            next(loader)
+            decode(next(loader))
         seconds = time.perf_counter() - t0
     finally:
         data.close_loader(loader)  # before the caller deletes the files it reads ahead
@@ -122,14 +126,31 @@ def measure(dataset: data.Dataset, batch_size: int, workers: int, batches: int) 
     }
 
 
-def jpeg_dataset(root: str, kind: str, decode: str) -> data.Dataset:
+def decoding(dataset: data.Dataset) -> Any:
+    """What finishes a loader's batch: nothing for grain; for DALI, its decoding, on the GPUs (the
+    batch made global and awaited) where JAX has them, else on this host's CPU."""
+    if dataset.decoder is None:
+        return lambda batch: batch
+    import jax
+
+    from resnet_jax import parallel
+
+    if jax.devices()[0].platform != "gpu":
+        return lambda batch: dataset.host_images(batch, train=True)
+    sharding = parallel.data_sharding(parallel.create_mesh())
+    return lambda batch: jax.block_until_ready(dataset.to_global(batch, sharding)["image"])
+
+
+def jpeg_dataset(root: str, kind: str, decode: str, loader: str = "grain") -> data.Dataset:
     """The kind's pipeline over a folder of JPEGs, or over a prepared folder (prepared.json)."""
     _, size, _, style, policy, erase = KINDS[kind]
     if os.path.exists(os.path.join(root, shards.METADATA)):
         found = shards.find_prepared(f"prepared:{root}", root)
     else:
         found = sources.find_folder(f"folder:{root}", root, 0.1)
-    preprocessing = augment.Preprocessing(style=style, auto_augment=policy, random_erase_prob=erase)
+    preprocessing = augment.Preprocessing(
+        style=style, auto_augment=policy, random_erase_prob=erase, loader=loader
+    )
     return data.assemble(found, size, preprocessing, draft=decode == "reduced")
 
 
@@ -170,6 +191,7 @@ def run(
     shorter_side: int = 256,
     quality: int = 90,
     cores: int = 1,
+    loaders: Sequence[str] = ("grain",),
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The rows, and the `prepare` run's figures when prepared files were timed."""
     rows, prepared = [], None
@@ -194,163 +216,45 @@ def run(
             batch_size, size = KINDS[kind][:2]
             for source in ("-",) if kind == "cifar" else source_kinds:
                 label = source if source != "prepared" else f"prepared S={shorter_side} Q={quality}"
-                for decode in decodes if kind != "cifar" else ("-",):
+                for loader, decode in pipelines(kind, decodes, loaders):
                     dataset = (
                         cifar_like(KINDS[kind][2])
                         if kind == "cifar"
-                        else jpeg_dataset(folders[source], kind, decode)
+                        else jpeg_dataset(folders[source], kind, decode, loader)
                     )
                     for n in workers:
                         print(
-                            f"{kind} ({label}, {decode} decode): {n} worker(s)", file=sys.stderr, flush=True
+                            f"{kind} ({label}, {loader}, {decode} decode): {n} worker(s)",
+                            file=sys.stderr,
+                            flush=True,
                         )
-                        row = {"kind": kind, "source": label, "decode": decode, "image_size": size}
+                        row = {"kind": kind, "source": label, "loader": loader, "decode": decode}
+                        row["image_size"] = size
                         rows.append({**row, **measure(dataset, batch_size, n, batches)})
     return rows, prepared
 
 
+def pipelines(kind: str, decodes: Sequence[str], loaders: Sequence[str]) -> list[tuple[str, str]]:
+    """(loader, decode) pairs to time: DALI decodes the plain ImageNet path (at its own scale)."""
+    if kind == "cifar":
+        return [("grain", "-")]
+    rows = [("grain", decode) for decode in decodes if "grain" in loaders]
+    return rows + ([("dali", "roi")] if "dali" in loaders and kind == "imagenet" else [])
+
+
 def format_table(rows: Sequence[dict[str, Any]], cores: int) -> str:
     lines = [
-        "| pipeline | files | decode | workers | batch | images/s | first batch (s) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| pipeline | files | loader | decode | workers | batch | images/s | first batch (s) |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['kind']} {r['image_size']}px | {r['source']} | {r['decode']} | {r['workers']} | "
+            f"| {r['kind']} {r['image_size']}px | {r['source']} | {r['loader']} | {r['decode']} | "
+            f"{r['workers']} | "
             f"{r['batch_size']} | "
             f"{r['images_per_sec']:,.0f} | {r['first_batch_seconds']:.1f} |"
         )
     return "\n".join(lines) + f"\n({cores} CPU core{'s' if cores > 1 else ''})"
-
-
-# ---------------------------------------------------------------- will this host keep up?
-
-
-def per_core_rates(rows: Sequence[dict[str, Any]], cores: int) -> dict[str, float]:
-    """Each pipeline's best images/s over the worker counts tried, divided by the cores it ran on."""
-    best: dict[str, float] = {}
-    for r in rows:
-        label = f"{r['kind']} {r['image_size']}px"
-        if r["kind"] != "cifar":
-            label += f", {r['source']}, {r['decode']} decode"
-        best[label] = max(best.get(label, 0.0), r["images_per_sec"] / cores)
-    return best
-
-
-def check_feed_targets(names: Sequence[str]) -> None:
-    """One line for an unknown target, before anything is measured."""
-    for name in names:
-        if name != HERE:
-            targets.target(name)
-
-
-def measured_step_rate(config: Any, devices: int) -> float:
-    """The train step's images/s per device on this host's devices (batches made on the devices)."""
-    from resnet_jax import benchmark
-
-    options = benchmark.Options(
-        models=(config.model,),
-        per_device_batch_sizes=(max(1, config.batch_size // devices),),
-        image_sizes=(config.image_size,),
-        dtypes=(config.dtype,),
-        steps=10,
-        warmup_steps=2,
-    )
-    (row,) = benchmark.run(options, config)
-    return row["images_per_sec_per_device"]
-
-
-def step_rates(
-    names: Sequence[str], config: Any, preflight_json: str | None = None
-) -> dict[str, dict[str, Any]]:
-    """Per target: the train step's images/s and where the figure comes from. Measured on this
-    host's devices for `here` and for targets of this host's accelerator; else the preflight's
-    roofline bound (from `preflight_json`, or compiled now for the target on the CPU)."""
-    import jax
-
-    local_devices = jax.local_devices()
-    local = (
-        None
-        if local_devices[0].platform == "cpu"
-        else targets.accelerator_for_kind(local_devices[0].device_kind)
-    )
-    known = {}
-    if preflight_json:
-        with open(preflight_json) as f:
-            known = {row["target"]: row for row in json.load(f)["targets"]}
-    rates, to_compile = {}, []
-    per_device = None
-    for name in names:
-        target = None if name == HERE else targets.target(name)
-        if target is None or target.accelerator == local:
-            if per_device is None:
-                per_device = measured_step_rate(config, len(local_devices))
-            count = len(local_devices) if target is None else target.devices
-            rates[name] = {
-                "images_per_sec": per_device * count,
-                "from": f"the step measured here ({local_devices[0].device_kind}) x {count} device(s)",
-                "label": "measured",
-            }
-        elif target.name in known:
-            rates[name] = roofline_rate(known[target.name], f"--preflight_json {preflight_json}")
-        else:
-            to_compile.append(name)
-    if to_compile:
-        from resnet_jax import preflight
-
-        with warnings.catch_warnings():  # JAX warns of any fork; the preflight's is a fork + exec
-            warnings.filterwarnings("ignore", r"os\.fork\(\) was called", RuntimeWarning)
-            compiled = preflight.preflight(config, to_compile, compile_eval=False)
-        for name, row in zip(to_compile, compiled, strict=True):
-            rates[name] = roofline_rate(row, "the preflight")
-    return rates
-
-
-def roofline_rate(row: dict[str, Any], where: str) -> dict[str, Any]:
-    bound = row.get("roofline_bound") or "roofline"
-    return {
-        "images_per_sec": row["roofline_images_per_sec"],
-        "from": f"roofline bound ({bound}) from {where}, an upper limit, not measured",
-        "label": f"bound ({bound})",
-    }
-
-
-def feed_table(
-    per_core: dict[str, float], rates: dict[str, dict[str, Any]], host_cores: int
-) -> tuple[str, list[dict[str, Any]]]:
-    """The cores each pipeline needs to feed each target's step, against this host's cores."""
-    lines = [
-        "| pipeline | images/s per core | target | step images/s | cores to feed it | keeps up "
-        f"({host_cores} cores here) |",
-        "|---|---:|---|---:|---:|---|",
-    ]
-    rows = []
-    for pipeline, rate in per_core.items():
-        for name, step in rates.items():
-            images = step["images_per_sec"]
-            needed = math.ceil(images / rate) if images else None
-            if needed is None:
-                keeps_up = "-"
-            else:
-                keeps_up = "yes" if needed <= host_cores else f"no, {needed - host_cores:,} short"
-            rows.append(
-                {
-                    "pipeline": pipeline,
-                    "images_per_sec_per_core": rate,
-                    "target": name,
-                    "images_per_sec": images,
-                    "from": step["from"],
-                    "cores_needed": needed,
-                    "host_cores": host_cores,
-                }
-            )
-            lines.append(
-                f"| {pipeline} | {rate:,.0f} | {name} | "
-                f"{'-' if not images else f'{images:,.0f}'} {step['label']} | "
-                f"{'-' if needed is None else f'{needed:,}'} | {keeps_up} |"
-            )
-    notes = [f"{name}: {step['from']}" for name, step in rates.items()]
-    return "\n".join([*lines, "", *notes]), rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -369,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     flags.DEFINE_string("json", None, "Also write the rows to this file.", flag_values=flag_values)
     flags.DEFINE_list(
+        "loader",
+        ["grain"],
+        f"Who decodes: {', '.join(dali.LOADERS)} (imagenet only).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_list(
         "sources",
         ["originals"],
         f"Files to time: {', '.join(SOURCES)} (prepare's output).",
@@ -381,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_list(
         "feed",
         [],
-        f"Targets to feed: {HERE} or the preflight's names ({', '.join(targets.TARGETS)}).",
+        f"Targets to feed: {feed.HERE} or the preflight's names ({', '.join(targets.TARGETS)}).",
         flag_values=flag_values,
     )
     flags.DEFINE_string(
@@ -398,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cli.parse(flag_values, argv, prog="python -m resnet_jax.loader_benchmark", doc=__doc__)
     choices = (("kinds", flag_values.kinds, KINDS), ("decode", flag_values.decode, DECODES))
+    choices += (("loader", flag_values.loader, dali.LOADERS),)
     for name, given, valid in (*choices, ("sources", flag_values.sources, SOURCES)):
         unknown = [value for value in given if value not in valid]
         if unknown:
@@ -413,10 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--batches must be positive, --images 10 or more, --workers 0 or more and "
             f"--cores in 0..{available}"
         )
+    if "dali" in flag_values.loader and importlib.util.find_spec("nvidia.dali") is None:
+        cli.fail(f"--loader=dali needs NVIDIA DALI, which is not installed: {dali.INSTALL_HINT}")
     try:
         prepare.Settings("-", flag_values.shorter_side, flag_values.quality).check()
-        check_feed_targets(flag_values.feed)
-        config = flag_values.feed and cli.load_config(flag_values.feed_config or FEED_CONFIG)
+        feed.check_feed_targets(flag_values.feed)
+        config = flag_values.feed and cli.load_config(flag_values.feed_config or feed.FEED_CONFIG)
         if flag_values.preflight_json and not os.path.isfile(flag_values.preflight_json):
             raise UserError(f"--preflight_json={flag_values.preflight_json!r} is not a file")
     except UserError as e:
@@ -433,16 +346,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         flag_values.shorter_side,
         flag_values.quality,
         cores,
+        flag_values.loader,
     )
     print(format_table(rows, cores))
     document: dict[str, Any] = {"rows": [{**row, "cores": cores} for row in rows], "prepare": prepared}
     if flag_values.feed:
         os.sched_setaffinity(0, host_cores)  # the step is measured or compiled on every core
         try:
-            rates = step_rates(flag_values.feed, config, flag_values.preflight_json)
+            rates = feed.step_rates(flag_values.feed, config, flag_values.preflight_json)
         except UserError as e:  # a missing preflight extra, a config the step cannot run
             cli.fail(str(e))
-        table, document["feed"] = feed_table(per_core_rates(rows, cores), rates, len(host_cores))
+        table, document["feed"] = feed.feed_table(feed.per_core_rates(rows, cores), rates, len(host_cores))
         print(f"\n{table}")
     if flag_values.json:
         with open(flag_values.json, "w") as f:

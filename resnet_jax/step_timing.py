@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from resnet_jax import compiled_steps, costs, data, models, parallel, progress, train
+from resnet_jax import compiled_steps, costs, data, models, progress, train
 from resnet_jax.step import rng_key
 
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring event of a persistent-cache hit
@@ -75,7 +75,7 @@ def pipeline_batches(
             )
             for _ in itertools.count()
         )
-    return (parallel.to_global(batch, steps.batch_sharding) for batch in local)
+    return (dataset.to_global(batch, steps.batch_sharding, train=False) for batch in local)
 
 
 @contextlib.contextmanager

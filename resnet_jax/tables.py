@@ -21,6 +21,8 @@ BENCHMARK_COLUMNS: list[Column] = [
     ("/dev", "per_device_batch_size", "{}"),
     ("px", "image_size", "{}"),
     ("dtype", "dtype", "{}"),
+    ("data", "data", "{}"),
+    ("loader", "loader", "{}"),
     ("img/s", "images_per_sec", "{:.1f}"),
     ("img/s/dev", "images_per_sec_per_device", "{:.1f}"),
     ("median ms", "step_time_median_ms", "{:.1f}"),

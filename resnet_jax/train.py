@@ -229,7 +229,7 @@ def device_batches(steps: CompiledSteps, dataset: data.Dataset) -> prefetch.Devi
 
     def to_device(local_batch: dict[str, np.ndarray]) -> tuple[Any, dict[str, jax.Array]]:
         skipped = local_batch.pop("skipped", None)
-        return skipped, parallel.to_global(local_batch, steps.batch_sharding, config.batch_size)
+        return skipped, dataset.to_global(local_batch, steps.batch_sharding, config.batch_size)
 
     return prefetch.DevicePrefetch(loader, to_device, config.device_prefetch)
 
@@ -282,7 +282,7 @@ def eval_image_writer(
         return lambda state, step: None
     batch = next(data.eval_batches(dataset, global_batch_size=count))
     keep = batch["mask"] > 0
-    images, labels = batch["image"][keep], batch["label"][keep]
+    images, labels = dataset.host_images(batch)[keep], batch["label"][keep]
     info = dataset.info
     logits = functools.partial(eval_logits, model=steps.model, mean=info.mean, std=info.std)
     predict = jax.jit(lambda state, images: logits(state, images).argmax(-1))

@@ -85,7 +85,15 @@ def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "check.json").read_text())
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == ["environment", "tests", "resnet50_bf16", "torch", "preflight", "resnet50_eval"]
+    assert list(parts) == [
+        "environment",
+        "tests",
+        "resnet50_bf16",
+        "torch",
+        "preflight",
+        "end_to_end",
+        "resnet50_eval",
+    ]
     if jax.devices()[0].platform == "cpu":
         assert parts["preflight"] == {
             **parts["preflight"],
@@ -97,6 +105,11 @@ def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
     assert parts["tests"]["status"] == "ok" and report["tests"]["failed"] == 0
     assert report["tests"]["passed"] >= 4  # the fast accelerator tests, collected from several modules
     assert {r["mode"] for r in report["benchmark"]} == {"train", "eval"}
+    # The end-to-end part: the generated JPEG folder through each installed loader, and device batches.
+    feeds = {(r["data"] == "device", r["loader"]) for r in report["benchmark"] if r["part"] == "end_to_end"}
+    have_dali = module_available("nvidia.dali")
+    assert feeds == {(True, "-"), (False, "grain")} | ({(False, "dali")} if have_dali else set())
+    assert parts["end_to_end"]["status"] == "ok"
     for row in report["benchmark"]:
         assert row["images_per_sec"] > 0 and row["compile_seconds"] > 0 and row["compiled_memory_bytes"] > 0
     torch_part = parts["torch"]
@@ -215,3 +228,24 @@ def test_tune_variants_parse_with_their_flags_and_batch():
     for bad in ("nothing", "=@5", "x=@0", "x=@many"):
         with pytest.raises(ValueError, match="expected NAME=XLA_FLAGS"):
             tune.parse_variant(bad)
+
+
+def test_large_wheels_split_into_parts_join_back_checked_and_dali_pins_are_listed(tmp_path, capsys):
+    wheels = load_kit_module("wheels")
+    dali = {p.name: p.version for p in wheels.read_pins(wheels.DALI_PINS_FILE)}
+    assert {"nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13", "nvidia-nvjpeg"} <= set(dali)
+    big, small = tmp_path / "big-1.0-py3-none-any.whl", tmp_path / "small-1.0-py3-none-any.whl"
+    payload = np.random.default_rng(0).bytes(int(2.5 * 2**20))
+    big.write_bytes(payload)
+    small.write_bytes(b"tiny")
+    parts = wheels.split(tmp_path, part_mib=1)
+    assert [p.name for p in parts] == [f"{big.name}.part00{i}" for i in range(3)] and not big.exists()
+    assert small.exists()  # under the part size: left whole
+    assert (
+        wheels.join(tmp_path) == [big] and big.read_bytes() == payload and not list(tmp_path.glob("*.part*"))
+    )
+    wheels.split(tmp_path, part_mib=1)
+    damaged = tmp_path / f"{big.name}.part001"
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    with pytest.raises(wheels.WheelsError, match="do not add up to the wheel that was split"):
+        wheels.join(tmp_path)

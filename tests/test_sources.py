@@ -321,7 +321,7 @@ def test_the_loader_benchmark_prints_a_row_per_worker_count(tmp_path):
         *("--json", str(out)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| cifar 32px | - | - | 0 | 128 |" in result.stdout
+    assert "| cifar 32px | - | grain | - | 0 | 128 |" in result.stdout
     (row,) = json.loads(out.read_text())["rows"]
     assert row["images_per_sec"] > 0 and row["workers"] == 0
 

@@ -49,6 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_SCRIPT = Path(__file__).resolve().parent / "torch_resnet50.py"
 ENV_PREFIXES = ("XLA_", "JAX_", "CUDA_", "NCCL_", "NVIDIA_", "TF_CPP_", "TPU_", "LIBTPU")
+E2E_IMAGES = 4096  # the end-to-end part's generated JPEG folder (loader_benchmark's generator)
 PACKAGES = (
     "jax",
     "jaxlib",
@@ -79,8 +80,9 @@ class Part:
     title: str
     minimum_s: float
     cap_s: float
-    kind: str  # environment | tests | benchmark | torch | preflight
+    kind: str  # environment | tests | benchmark | end_to_end | torch | preflight
     args: tuple[str, ...] = ()
+    images: int = 0  # end_to_end: JPEG files to generate
 
 
 def full_plan(headline_batch: int = 256) -> list[Part]:
@@ -112,6 +114,16 @@ def full_plan(headline_batch: int = 256) -> list[Part]:
             150,
             "preflight",
             preflight_args("resnet50", 224, headline_batch),
+        ),
+        Part(
+            "end_to_end",
+            f"ResNet-50 train from {E2E_IMAGES:,} ImageNet-sized JPEGs, bfloat16, per-device batch "
+            f"{headline_batch}: DALI, grain on every core, and batches made on the device",
+            120,
+            330,
+            "end_to_end",
+            (*r50, "--dtype=bfloat16", f"--per_device_batch_size={headline_batch}"),
+            E2E_IMAGES,
         ),
         Part(
             "resnet50_sweep",
@@ -197,6 +209,15 @@ def smoke_plan() -> list[Part]:
             120,
             "preflight",
             preflight_args("resnet20", 8, 4),
+        ),
+        Part(
+            "end_to_end",
+            "ResNet-20 train at 8 px from 64 generated JPEGs: DALI, grain and device batches (smoke)",
+            5,
+            180,
+            "end_to_end",
+            (*tiny, "--dtype=float32"),
+            64,
         ),
         Part(
             "resnet50_eval",
@@ -497,10 +518,13 @@ class Check:
             return status, seconds, detail
         return status, seconds, "no test report; see check.log"
 
-    def run_benchmark(self, part: Part, allowed: float) -> tuple[str, float, str]:
+    def run_benchmark(
+        self, part: Part, allowed: float, extra: tuple[str, ...] = ()
+    ) -> tuple[str, float, str]:
         path = self.parts_dir / f"{part.name}.json"
         path.unlink(missing_ok=True)
-        command = [*benchmark_command(part.args, path), f"--time_budget_s={max(1.0, allowed - 15):.0f}"]
+        budget = f"--time_budget_s={max(1.0, allowed - 15):.0f}"
+        command = [*benchmark_command((*part.args, *extra), path), budget]
         status, seconds = run_process(command, allowed, self.log_file, self.env)
         rows = json.loads(path.read_text()) if path.exists() else []
         for row in rows:
@@ -508,6 +532,28 @@ class Check:
             row["part"] = part.name
         self.result["benchmark"].extend(rows)
         return status, seconds, f"{len(rows)} row(s)"
+
+    def run_end_to_end(self, part: Part, allowed: float) -> tuple[str, float, str]:
+        """The real loaders feeding the real step in one benchmark.py call, beside device batches:
+        a generated JPEG folder (`loader_benchmark.write_jpeg_folder`), decoded by DALI (nvJPEG,
+        when the dali extra is installed) and by grain on every core."""
+        start = time.perf_counter()
+        folder = self.parts_dir / "jpegs"
+        if not folder.exists():
+            code = "import sys; from resnet_jax.loader_benchmark import write_jpeg_folder as write; "
+            code += "write(sys.argv[1], int(sys.argv[2]))"
+            command = [sys.executable, "-c", code, str(folder), str(part.images)]
+            status, _ = run_process(command, allowed, self.log_file, self.env)
+            if status != "ok":
+                return status, time.perf_counter() - start, "writing the JPEG folder failed; see check.log"
+        have_dali = importlib.util.find_spec("nvidia.dali") is not None
+        loaders = "dali,grain" if have_dali else "grain"
+        left = allowed - (time.perf_counter() - start)
+        extra = (f"--data=folder:{folder},device", f"--loader={loaders}")
+        status, seconds, detail = self.run_benchmark(part, left, extra)
+        if not have_dali:
+            detail += "; DALI not installed (the dali extra), so no DALI row"
+        return status, time.perf_counter() - start, detail
 
     def run_torch(self, part: Part, allowed: float) -> tuple[str, float, str]:
         missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]

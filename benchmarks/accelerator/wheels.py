@@ -1,9 +1,10 @@
 """The wheels an offline GPU host lacks: fetch them where there is a package index, install them
 where there is none.
 
-    python benchmarks/accelerator/wheels.py download [--dest DIR] [--python_version 3.12]
-    python benchmarks/accelerator/wheels.py install [--dest DIR] [--target SITE_DIR]
-    python benchmarks/accelerator/wheels.py verify
+    python benchmarks/accelerator/wheels.py download [--dest DIR] [--python_version 3.12] [--dali]
+    python benchmarks/accelerator/wheels.py split [--dest DIR] [--part_mib 60]
+    python benchmarks/accelerator/wheels.py install [--dest DIR] [--target SITE_DIR] [--dali]
+    python benchmarks/accelerator/wheels.py verify [--dali]
 
 `wheels.txt` beside this file pins them. `download` takes the CPython/manylinux x86-64 wheels
 of each pin with `pip download --no-deps --only-binary=:all:` (and builds the one that exists only
@@ -11,6 +12,12 @@ as source), then checks that every pin has exactly one wheel in DIR. `install` r
 --no-index --no-deps` on exactly those files, so that nothing the host already has (jax, flax,
 torch, ...) is touched; `--target` puts them in a directory of their own for hosts whose
 site-packages are read-only (then add it to PYTHONPATH). `verify` imports what resnet_jax needs.
+
+`--dali` adds `wheels_dali.txt`: the dali extra (`config.loader="dali"`), about 300 MiB. `split` cuts
+every wheel over `--part_mib` into `WHEEL.partNNN` files and a `WHEEL.sha256`, for hosts that receive
+files in limited chunks; `install` joins them again and refuses a wheel whose checksum differs. With
+`--dali`, a pin whose distribution the host already has (at any version: DALI's common Python
+dependencies) is left alone.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PINS_FILE = HERE / "wheels.txt"
+DALI_PINS_FILE = HERE / "wheels_dali.txt"
+PART_MIB = 60
 DEFAULT_DEST = HERE / "wheels"
 # pip matches manylinux tags exactly: list the glibc levels the pinned wheels are built for.
 MANYLINUX_PLATFORMS = (
@@ -42,6 +51,7 @@ MODULES = (
     "tensorboardX",
     "resnet_jax.train",
 )
+DALI_MODULES = ("nvidia.dali.fn", "resnet_jax.dali")
 
 
 class WheelsError(RuntimeError):
@@ -75,6 +85,60 @@ def read_pins(path: Path = PINS_FILE) -> list[Pin]:
             raise WheelsError(f"{path}:{number}: {text!r} is not NAME==VERSION")
         pins.append(Pin(match.group(1), match.group(2), build=comment.strip().startswith("build")))
     return pins
+
+
+def split(dest: Path, part_mib: float = PART_MIB) -> list[Path]:
+    """Every wheel in `dest` over `part_mib` as numbered parts plus its SHA-256 (the wheel removed)."""
+    import hashlib
+
+    size = int(part_mib * 2**20)
+    written = []
+    for wheel in sorted(dest.glob("*.whl")):
+        if wheel.stat().st_size <= size:
+            continue
+        data = wheel.read_bytes()
+        (dest / f"{wheel.name}.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+        for number, start in enumerate(range(0, len(data), size)):
+            part = dest / f"{wheel.name}.part{number:03d}"
+            part.write_bytes(data[start : start + size])
+            written.append(part)
+        wheel.unlink()
+        print(f"{wheel.name}: {len(data) / 2**20:.0f} MiB in {-(-len(data) // size)} parts", flush=True)
+    return written
+
+
+def join(dest: Path) -> list[Path]:
+    """The wheels `split` cut up, put together again and checked against their SHA-256."""
+    import hashlib
+
+    joined = []
+    for checksum in sorted(dest.glob("*.whl.sha256")):
+        wheel = dest / checksum.name.removesuffix(".sha256")
+        parts = sorted(dest.glob(f"{wheel.name}.part[0-9][0-9][0-9]"))
+        if wheel.exists() or not parts:
+            continue
+        data = b"".join(part.read_bytes() for part in parts)
+        if hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
+            raise WheelsError(
+                f"{wheel.name}: its {len(parts)} parts do not add up to the wheel that was split "
+                "(a part is missing or damaged); copy them again"
+            )
+        wheel.write_bytes(data)
+        for part in parts:
+            part.unlink()
+        joined.append(wheel)
+        print(f"joined {wheel.name} from {len(parts)} parts (SHA-256 checked)", flush=True)
+    return joined
+
+
+def installed(pin: Pin) -> str | None:
+    """The version of the pin's distribution this environment already has, or None."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(pin.name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def find_wheels(pins: list[Pin], dest: Path) -> tuple[list[Path], list[Pin]]:
@@ -118,7 +182,21 @@ def download(pins: list[Pin], dest: Path, python_version: str, dry_run: bool = F
     return found
 
 
-def install(pins: list[Pin], dest: Path, target: str | None, dry_run: bool = False) -> None:
+def install(
+    pins: list[Pin], dest: Path, target: str | None, dry_run: bool = False, keep_installed: bool = False
+) -> None:
+    """`pip install --no-index --no-deps` of the pins' wheels (joined first, if split); with
+    `keep_installed`, a distribution the environment already has is left as it is."""
+    if dest.is_dir():
+        join(dest)
+    if keep_installed and not target:
+        present = {pin.name: installed(pin) for pin in pins}
+        for name, version in present.items():
+            if version is not None:
+                print(f"already installed: {name} {version}", flush=True)
+        pins = [pin for pin in pins if present[pin.name] is None]
+        if not pins:
+            return
     found, missing = find_wheels(pins, dest)
     if missing:
         raise WheelsError(
@@ -133,38 +211,42 @@ def install(pins: list[Pin], dest: Path, target: str | None, dry_run: bool = Fal
         print(f"installed into {target}: add it to PYTHONPATH", flush=True)
 
 
-def verify() -> None:
+def verify(modules: tuple[str, ...] = MODULES) -> None:
     """Import every module resnet_jax needs from the carried wheels, and the project itself."""
     import importlib
 
     sys.path.insert(0, str(HERE.parents[1]))
     failed = []
-    for module in MODULES:
+    for module in modules:
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - report every failure, not just the first
             failed.append(f"{module}: {type(e).__name__}: {e}")
     if failed:
         raise WheelsError("cannot import " + "; ".join(failed))
-    print(f"imported {', '.join(MODULES)}", flush=True)
+    print(f"imported {', '.join(modules)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("download", "install", "verify"))
+    parser.add_argument("action", choices=("download", "split", "install", "verify"))
     parser.add_argument("--dest", default=str(DEFAULT_DEST), help="directory of the wheels")
     parser.add_argument("--python_version", default="3.12", help="download: the host's Python (X.Y)")
     parser.add_argument("--target", help="install: into this directory instead of the environment")
     parser.add_argument("--dry_run", action="store_true", help="print the pip commands only")
+    parser.add_argument("--dali", action="store_true", help="also the dali extra (wheels_dali.txt)")
+    parser.add_argument("--part_mib", type=float, default=PART_MIB, help="split: the largest part")
     args = parser.parse_args(argv)
     try:
-        pins = read_pins()
+        pins = read_pins() + (read_pins(DALI_PINS_FILE) if args.dali else [])
         if args.action == "download":
             download(pins, Path(args.dest), args.python_version, args.dry_run)
+        elif args.action == "split":
+            split(Path(args.dest), args.part_mib)
         elif args.action == "install":
-            install(pins, Path(args.dest), args.target, args.dry_run)
+            install(pins, Path(args.dest), args.target, args.dry_run, keep_installed=args.dali)
         else:
-            verify()
+            verify(MODULES + (DALI_MODULES if args.dali else ()))
     except WheelsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

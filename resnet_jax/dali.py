@@ -1,0 +1,252 @@
+"""Decoding with NVIDIA DALI (`config.loader="dali"`): on a GPU host, JPEGs decode on the GPU.
+
+grain keeps everything that makes a run exact: the index, the shuffle, the epochs, repeated
+augmentation, the skipping of unreadable files and the checkpointed position. Its per-example
+transform (`TrainPrep`, `EvalPrep`) reads the stored bytes, parses the header and draws the crop
+and the flip with the grain path's own functions and random stream, so a resumed run sees the same
+images in the same order with the same crops. DALI (`Decoder`) then decodes only each crop's
+region (`fn.decoders.image_slice`: nvJPEG with Hopper's hardware decoder under `device="mixed"`,
+its CPU operators on hosts without a GPU), resizes it and flips it; the eval images are resized
+and center-cropped in one pass over the region torchvision's arithmetic gives. On GPU hosts each
+local device gets its own pipeline and its shard of the batch stays on that device.
+
+DALI has no RandAugment, TrivialAugment or random erasing: `check_config` refuses those settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from resnet_jax import augment, parallel
+from resnet_jax.augment import Example
+from resnet_jax.errors import ConfigError
+
+LOADERS = ("grain", "dali")
+INSTALL_HINT = "pip install -e '.[dali]' (CUDA 12, like jax[cuda12]; '.[dali-cuda13]' with jax[cuda13])"
+MAX_THREADS = 6  # host threads per pipeline: NVIDIA's MLPerf ResNet uses about this many per GPU
+RAGGED = ("encoded",)  # batch keys that stay lists: files differ in length
+PREPARED = ("encoded", "box", "flip", "region")  # what the transforms hand to the pipelines
+
+
+def check_config(config: Any) -> None:
+    """One line for a `loader="dali"` setting that cannot work, before anything loads or compiles."""
+    if config.loader != "dali":
+        return
+    if config.auto_augment != "none":
+        raise ConfigError(
+            f"config.loader='dali' cannot apply config.auto_augment={config.auto_augment!r} (DALI has no "
+            "such policy); use config.loader='grain' or config.auto_augment='none'"
+        )
+    if config.random_erase_prob > 0:
+        raise ConfigError(
+            f"config.loader='dali' cannot apply config.random_erase_prob={config.random_erase_prob!r} "
+            "(DALI has no random erasing); use config.loader='grain' or config.random_erase_prob=0"
+        )
+    kind = str(config.dataset).partition(":")[0]
+    if kind in ("digits", "synthetic"):
+        raise ConfigError(
+            f"config.loader='dali' decodes image files and config.dataset={config.dataset!r} has none; "
+            "use config.loader='grain'"
+        )
+    if importlib.util.find_spec("nvidia.dali") is None:
+        raise ConfigError(f"config.loader='dali' needs NVIDIA DALI, which is not installed: {INSTALL_HINT}")
+
+
+def check_dataset(style: str, channels: int) -> None:
+    """DALI does the ImageNet crop and flip of RGB images; everything else stays with grain."""
+    if style != "imagenet":
+        raise ConfigError(
+            f"config.loader='dali' does the ImageNet crop and flip, and this dataset's augmentation is "
+            f"{style!r} (config.augment); use config.loader='grain' or config.augment='imagenet'"
+        )
+    if channels != 3:
+        raise ConfigError(
+            f"config.loader='dali' decodes RGB images and this dataset has {channels} channel(s); "
+            "use config.loader='grain'"
+        )
+
+
+def encoded(image: np.ndarray | augment.EncodedImage) -> tuple[bytes, int, int]:
+    """(bytes DALI decodes to RGB, height, width): a file's own bytes where it is a JPEG or PNG in a
+    mode DALI reads the way PIL does, else the pixels as a lossless PNG (TFDS arrays, CMYK files)."""
+    if isinstance(image, augment.EncodedImage):
+        header = image.open()
+        if header.format in ("JPEG", "PNG") and header.mode in ("RGB", "L"):
+            width, height = header.size
+            return image.data, height, width
+    pixels = augment.as_array(image, 3)
+    return augment.encode_png(pixels), pixels.shape[0], pixels.shape[1]
+
+
+def as_uint8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, np.uint8)
+
+
+class TrainPrep:
+    """grain's per-example transform for DALI: the bytes, and the Inception crop box and flip drawn
+    as the grain path draws them (`augment.random_resized_crop_box`, then the flip)."""
+
+    def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+        data, height, width = encoded(example["image"])
+        top, left, crop_h, crop_w = augment.random_resized_crop_box(height, width, rng)
+        flip = rng.random() < 0.5
+        rest = {k: v for k, v in example.items() if k != "image"}
+        # x, y, width, height: DALI's "WH" axis order.
+        return {
+            **rest,
+            "encoded": as_uint8(data),
+            "box": np.int32([left, top, crop_w, crop_h]),
+            "flip": np.int32(flip),
+        }
+
+
+class EvalPrep:
+    """The eval transform for DALI: the bytes and the region that torchvision's shorter-side resize
+    and center crop keep (`eval_region`), in the image's own pixels."""
+
+    def __init__(self, size: int, crop: float = 1.0):
+        self.size, self.crop = size, crop
+
+    def __call__(self, example: Example) -> Example:
+        data, height, width = encoded(example["image"])
+        rest = {k: v for k, v in example.items() if k != "image"}
+        region = eval_region(height, width, self.size, self.crop)
+        return {**rest, "encoded": as_uint8(data), "region": np.float32(region)}
+
+
+def eval_region(height: int, width: int, size: int, crop: float) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1) of the original image that `augment.resize_shorter_and_center_crop` keeps:
+    resizing that region to size x size samples the same points as resizing, then cropping."""
+    short = round(size / crop)
+    if height <= width:
+        new_h, new_w = short, max(short, int(width * short / height))
+    else:
+        new_h, new_w = max(short, int(height * short / width)), short
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    sy, sx = height / new_h, width / new_w
+    return top * sy, left * sx, (top + size) * sy, (left + size) * sx
+
+
+def default_threads() -> int:
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+
+
+class Decoder:
+    """DALI pipelines that turn grain's prepared batches into image batches: one for the process
+    on the CPU, one per local device on GPUs (`device="mixed"`); built on first use."""
+
+    def __init__(self, size: int, eval_size: int, threads: int | None = None):
+        self.size, self.eval_size = size, eval_size
+        self.threads = threads or default_threads()
+        self._pipelines: dict[tuple[str, int | None, int], Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # grain may pickle the dataset; pipelines stay here
+        return {**self.__dict__, "_pipelines": {}}
+
+    def pipeline(self, train: bool, device_id: int | None, batch_size: int) -> Any:
+        key = ("train" if train else "eval", device_id, batch_size)
+        if key not in self._pipelines:
+            build = train_pipeline if train else eval_pipeline
+            pipe = build(
+                size=self.size if train else self.eval_size,
+                device="cpu" if device_id is None else "mixed",
+                batch_size=batch_size,
+                num_threads=self.threads,
+                device_id=device_id,
+                prefetch_queue_depth=1,
+                exec_dynamic=True,
+            )
+            pipe.build()
+            self._pipelines[key] = pipe
+        return self._pipelines[key]
+
+    def run(self, batch: Example, train: bool, device_id: int | None = None) -> Any:
+        """The images of one (part of a) prepared batch, as DALI's output."""
+        pipe = self.pipeline(train, device_id, len(batch["encoded"]))
+        pipe.feed_input("encoded", list(batch["encoded"]))
+        if train:
+            pipe.feed_input("box", list(batch["box"]))
+            pipe.feed_input("flip", list(batch["flip"]))
+        else:
+            pipe.feed_input("region", list(batch["region"]))
+        (images,) = pipe.run()
+        return images
+
+    def host_images(self, batch: Example, train: bool = False) -> np.ndarray:
+        """The decoded images of a prepared batch, in host memory (decoded on the CPU)."""
+        return self.run(batch, train).as_array()
+
+    def to_global(self, batch: Example, sharding: Any, train: bool) -> dict[str, Any]:
+        """A prepared host batch as the global, sharded batch the step takes."""
+        import jax
+
+        rest = {k: np.asarray(v) for k, v in batch.items() if k not in PREPARED}
+        devices = local_devices(sharding)
+        if devices[0].platform != "gpu":
+            return parallel.to_global({"image": self.host_images(batch, train), **rest}, sharding)
+        shards = np.array_split(np.arange(len(batch["encoded"])), len(devices))
+        arrays = []
+        for device, rows in zip(devices, shards, strict=True):
+            part = {k: [batch[k][i] for i in rows] for k in batch if k in PREPARED}
+            output = self.run(part, train, device.local_hardware_id).as_tensor()
+            arrays.append(jax.device_put(jax.dlpack.from_dlpack(output).copy(), device))  # DALI reuses it
+        shape = (len(batch["encoded"]) * sharding.num_devices // len(devices), *arrays[0].shape[1:])
+        images = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        return {"image": images, **parallel.to_global(rest, sharding)}
+
+
+def local_devices(sharding: Any) -> Sequence[Any]:
+    """This process's devices in the order `jax.make_array_from_process_local_data` fills them."""
+    import jax
+
+    return [d for d in sharding.mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def train_pipeline(size: int, device: str, **options: Any) -> Any:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**options)
+    def pipeline() -> Any:
+        data = fn.external_source(name="encoded", dtype=types.UINT8)
+        box = fn.external_source(name="box", dtype=types.INT32)
+        flip = fn.external_source(name="flip", dtype=types.INT32)
+        images = fn.decoders.image_slice(
+            data,
+            fn.slice(box, 0, 2, axes=[0]),
+            fn.slice(box, 2, 2, axes=[0]),
+            normalized_anchor=False,
+            normalized_shape=False,
+            output_type=types.RGB,
+            device=device,
+        )
+        images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, dtype=types.UINT8)
+        return fn.flip(images, horizontal=flip)
+
+    return pipeline()
+
+
+def eval_pipeline(size: int, device: str, **options: Any) -> Any:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**options)
+    def pipeline() -> Any:
+        data = fn.external_source(name="encoded", dtype=types.UINT8)
+        region = fn.external_source(name="region", dtype=types.FLOAT)
+        images = fn.decoders.image(data, output_type=types.RGB, device=device)
+        return fn.resize(
+            images,
+            resize_x=size,
+            resize_y=size,
+            roi_start=fn.slice(region, 0, 2, axes=[0]),
+            roi_end=fn.slice(region, 2, 2, axes=[0]),
+            roi_relative=False,
+            antialias=True,
+            dtype=types.UINT8,
+        )
+
+    return pipeline()
