@@ -36,6 +36,13 @@ flags.DEFINE_list(
     "default), each through every --loader: e.g. device,folder:/data/imagenet.",
 )
 flags.DEFINE_list("loader", ["grain"], "Input pipelines for --data specs: grain, dali (config.loader).")
+flags.DEFINE_string(
+    "profile",
+    None,
+    "Trace --profile_steps more steps of each configuration into this folder (jax.profiler) and print "
+    "where the device time goes (python -m resnet_jax.trace_report reads it again).",
+)
+flags.DEFINE_integer("profile_steps", 5, "Steps traced per configuration with --profile.")
 flags.DEFINE_integer("seed", 0, "Seed for init and the synthetic batch.")
 flags.DEFINE_float(
     "time_budget_s",
@@ -80,6 +87,8 @@ def main(argv):
             peak_tflops=FLAGS.peak_tflops,
             data=tuple(FLAGS.data) if FLAGS.data else None,
             loaders=tuple(FLAGS.loader),
+            profile=FLAGS.profile,
+            profile_steps=FLAGS.profile_steps,
             seed=FLAGS.seed,
             time_budget_s=FLAGS.time_budget_s,
         )

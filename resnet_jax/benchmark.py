@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import costs, dali, data, models, parallel, tables
+from resnet_jax import costs, dali, data, models, parallel, tables, trace_report
 from resnet_jax import progress as progress_lib
 from resnet_jax.config_checks import ConfigError, check_config
 from resnet_jax.errors import UserError, check_choice
@@ -54,6 +54,8 @@ class Options:
     data: str | tuple[str, ...] | None = None
     loaders: tuple[str, ...] = ("grain",)
     seed: int = 0
+    profile: str | None = None  # a folder: trace `profile_steps` more steps of each configuration there
+    profile_steps: int = 5
     # Seconds for the whole sweep: a configuration that would likely end past them is skipped (and
     # said so), judged by the longest configuration so far. None: no limit.
     time_budget_s: float | None = None
@@ -120,6 +122,8 @@ def check_options(options: Options, mesh: jax.sharding.Mesh) -> None:
         raise BenchmarkError(f"--warmup_steps={options.warmup_steps} must be 0 or more")
     if options.peak_tflops is not None and not options.peak_tflops > 0:
         raise BenchmarkError(f"--peak_tflops={options.peak_tflops} must be a positive number")
+    if options.profile_steps < 1:
+        raise BenchmarkError(f"--profile_steps={options.profile_steps} must be a positive integer")
     if options.time_budget_s is not None and not options.time_budget_s > 0:
         raise BenchmarkError(f"--time_budget_s={options.time_budget_s} must be a positive number")
     try:
@@ -284,7 +288,22 @@ def run_case(
     if options.warmup_steps:
         compiled.run(options.warmup_steps)
     progress(f"    timing {options.steps} steps")
-    return figures(case, compiled, compiled.run(options.steps), options, config, mesh)
+    row = figures(case, compiled, compiled.run(options.steps), options, config, mesh)
+    if options.profile:
+        directory = os.path.join(options.profile, case_label(case, options))
+        progress(f"    tracing {options.profile_steps} more steps into {directory}")
+        compiled.trace(directory, options.profile_steps)
+        if progress_lib.is_primary():
+            document = trace_report.report(directory, options.profile_steps)
+            progress(trace_report.format_report(document))
+            row["profile"] = {"directory": directory, "rows": document["rows"]}
+    return row
+
+
+def case_label(case: Case, options: Options) -> str:
+    """A folder name for one configuration's profile."""
+    feed = "device" if case.data == DEVICE_DATA else f"{case.loader}"
+    return f"{case.model}_{options.mode}_{case.dtype}_b{case.batch_size}_{case.image_size}px_{feed}"
 
 
 def describe_case(case: Case, options: Options, mesh: jax.sharding.Mesh) -> str:

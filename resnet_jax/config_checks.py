@@ -228,6 +228,7 @@ DOMAINS: dict[str, Domain] = {
     "grad_accum_steps": Int(1, "batch_size"),
     "bn_group_size": Int(0, "batch_size", zero="the whole batch"),
     "fold_bn": Choice(models.FOLD_BN),
+    "space_to_depth_stem": Flag(),
     "num_epochs": Float(f"[0, {INT32_MAX}]", zero="num_train_steps sets the length"),
     "num_train_steps": Int(None, INT32_MAX, words="an integer (<= 0: num_epochs sets the length)"),
     "optimizer": Choice(optim.OPTIMIZERS),
@@ -340,6 +341,15 @@ def check_config(config: Any, workdir: str | None = None) -> ml_collections.Conf
             f"(config.loss={config.loss!r})"
         )
     dali.check_config(config)
+    if config.space_to_depth_stem:
+        odd = [f"{k}={config[k]}" for k in ("image_size", "eval_image_size") if config[k] % 2]
+        if odd or models.MODELS[config.model]["stem"] != "imagenet":
+            reason = (
+                f"even image sides, not {' and '.join(odd)}"
+                if odd
+                else f"an ImageNet stem ({config.model} has none)"
+            )
+            raise ConfigError(f"config.space_to_depth_stem=True needs {reason}")
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError(
             f"config.num_epochs={config.num_epochs!r} and config.num_train_steps={config.num_train_steps!r}: "

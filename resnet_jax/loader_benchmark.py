@@ -30,7 +30,6 @@ preflight roofline bound, an upper limit, is compiled for it on the CPU or read 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -324,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--batches must be positive, --images 10 or more, --workers 0 or more and "
             f"--cores in 0..{available}"
         )
-    if "dali" in flag_values.loader and importlib.util.find_spec("nvidia.dali") is None:
+    if "dali" in flag_values.loader and not dali.installed():
         cli.fail(f"--loader=dali needs NVIDIA DALI, which is not installed: {dali.INSTALL_HINT}")
     try:
         prepare.Settings("-", flag_values.shorter_side, flag_values.quality).check()

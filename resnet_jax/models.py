@@ -45,6 +45,7 @@ from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part
     max_pool_torch,
     torch_padding,
 )
+from resnet_jax.stems import SpaceToDepthConv
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -85,6 +86,7 @@ class ResNet(nn.Module):
     frozen_norm: bool = False  # BatchNorm uses (and keeps) its running statistics in training too
     fold_bn: bool = True  # layers.FoldedBatchNorm after stride-1 1x1 convs, layers.PooledStemNorm
     explicit_pool_padding: bool = False  # for ONNX export: jax2onnx drops a pooling window's padding
+    space_to_depth: bool = False  # the ImageNet stem's 7x7/2 conv on 2x2 blocks (`stems`), same params
     activation: str = "relu"
     drop_path_rate: float = 0.0
     dropout_rate: float = 0.0
@@ -123,7 +125,17 @@ class ResNet(nn.Module):
             x = act(norm(name="stem_bn1")(padded_conv(stem_width // 2, (3, 3), (2, 2), name="stem_conv1")(x)))
             x = act(norm(name="stem_bn2")(padded_conv(stem_width // 2, (3, 3), name="stem_conv2")(x)))
         kernel, strides = {"imagenet": (7, 2), "cifar": (3, 1), "deep": (3, 1)}[self.stem]
-        x = padded_conv(stem_width, (kernel, kernel), (strides, strides), name="conv1")(x)
+        if self.space_to_depth and self.stem == "imagenet":
+            stem_conv = SpaceToDepthConv(
+                stem_width,
+                use_bias=not use_norm,
+                kernel_init=conv_kernel_init,
+                dtype=self.dtype,
+                name="conv1",
+            )
+        else:
+            stem_conv = padded_conv(stem_width, (kernel, kernel), (strides, strides), name="conv1")
+        x = stem_conv(x)
         if folds and not pre_activation and self.stem != "cifar":
             x = PooledStemNorm(**norm_options, explicit_padding=self.explicit_pool_padding, name="bn1")(
                 x, act
@@ -303,6 +315,7 @@ def create(
     stride_on: str | None = None,
     frozen_norm: bool = False,
     fold_bn: bool = True,
+    space_to_depth: bool = False,
 ) -> ResNet:
     """Build a registry model; the module is a pure function of params and batch_stats.
 
@@ -314,6 +327,8 @@ def create(
     (the bottlenecks' last, stride-1 projections) as one convolution with statistics from the
     input's covariance (`layers.FoldedBatchNorm`), and the ImageNet stem's BatchNorm and activation
     after its max-pool (`layers.PooledStemNorm`): the same model, fewer bytes moved.
+    `space_to_depth` computes an ImageNet stem's 7x7 stride-2 convolution on 2x2 blocks of the
+    image (`stems.SpaceToDepthConv`): the same parameters and outputs, twelve input channels.
     """
     check_choice("model", name, names())
     check_choice("norm", norm, NORMS)
@@ -336,6 +351,11 @@ def create(
     if stride_on is not None:
         check_choice("stride_on", stride_on, STRIDE_PLACEMENTS)
         arch["stride_on"] = stride_on
+    if space_to_depth and arch["stem"] != "imagenet":
+        raise ValueError(
+            f"space_to_depth computes the ImageNet stem's 7x7 convolution, and {name} has the "
+            f"{arch['stem']!r} stem"
+        )
     return ResNet(
         num_classes=num_classes,
         zero_init_residual=zero_init_residual,
@@ -343,6 +363,7 @@ def create(
         bn_group_size=bn_group_size,
         frozen_norm=frozen_norm,
         fold_bn=fold_bn,
+        space_to_depth=space_to_depth,
         activation=activation,
         drop_path_rate=drop_path_rate,
         dropout_rate=dropout_rate,
@@ -377,6 +398,7 @@ def create_model(config: Any, num_classes: int, platform: str | None = None) -> 
         dropout_rate=config.dropout_rate,
         frozen_norm=config.freeze_backbone,  # linear probing: BatchNorm stays as loaded
         fold_bn=folds_bn(config.fold_bn, platform or jax.default_backend()),
+        space_to_depth=config.space_to_depth_stem,
     )
 
 

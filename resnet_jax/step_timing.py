@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -139,6 +141,20 @@ class TimedStep:
         """Time `steps` steps (carrying the state on, since the step donates it)."""
         self.state, times = time_steps(self.step, self.state, self.batches, steps)
         return times
+
+    def trace(self, directory: str, steps: int) -> None:
+        """`steps` steps traced with `jax.profiler` into `directory`, with the step's optimized HLO
+        beside the trace (`trace_report` names the ops from it)."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "step.hlo.txt"), "w") as f:
+            f.write(self.compiled.as_text())
+        jax.profiler.start_trace(directory)
+        try:
+            self.run(steps)
+        finally:
+            jax.profiler.stop_trace()
+        with open(os.path.join(directory, "profile.json"), "w") as f:
+            json.dump({"steps": steps}, f)
 
 
 def compile_step(

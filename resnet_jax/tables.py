@@ -35,6 +35,14 @@ BENCHMARK_COLUMNS: list[Column] = [
 ]
 
 
+# trace_report's table: a step's device time by category.
+PROFILE_COLUMNS: list[Column] = [
+    ("category", "category", "{}"),
+    ("ms/step", "ms_per_step", "{:.3f}"),
+    ("share", "share", "{:.1%}"),
+]
+
+
 def cell(value: Any, fmt: str = "{}", missing: str = "-") -> str:
     """One value as the tables show it; `missing` where there is none."""
     if value is None:

@@ -55,6 +55,17 @@ def make_digits_config():
     return digits_config
 
 
+# benchmark.py at its smallest: a CIFAR ResNet-20 at 8 px, two timed steps.
+TINY_BENCHMARK = [
+    "benchmark.py",
+    "--model=resnet20",
+    "--image_size=8",
+    "--batch_size=8",
+    "--steps=2",
+    "--warmup_steps=1",
+]
+
+
 def run_script(*args, env=None, timeout=600, cwd=ROOT):
     """Run a repository script in a fresh interpreter, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

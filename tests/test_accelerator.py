@@ -92,6 +92,7 @@ def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
         "torch",
         "preflight",
         "end_to_end",
+        "profile",
         "resnet50_eval",
     ]
     if jax.devices()[0].platform == "cpu":
@@ -110,6 +111,9 @@ def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
     have_dali = module_available("nvidia.dali")
     assert feeds == {(True, "-"), (False, "grain")} | ({(False, "dali")} if have_dali else set())
     assert parts["end_to_end"]["status"] == "ok"
+    # The profile part: the step's device time by category, in check.json and check.md.
+    (profiled,) = [r for r in report["benchmark"] if r["part"] == "profile"]
+    assert {r["category"] for r in profiled["profile"]["rows"]} >= {"convolution forward", "optimizer update"}
     for row in report["benchmark"]:
         assert row["images_per_sec"] > 0 and row["compile_seconds"] > 0 and row["compiled_memory_bytes"] > 0
     torch_part = parts["torch"]
@@ -119,6 +123,7 @@ def test_the_accelerator_check_runs_in_smoke_mode(tmp_path):
         assert torch_part["status"] == "ok" and report["torch"][0]["images_per_sec"] > 0
     markdown = (out / "check.md").read_text()
     assert "## Speed (benchmark.py)" in markdown and "## Correctness" in markdown
+    assert "## Where the step's time goes: resnet20 train" in markdown
     assert (out / "check.log").stat().st_size > 0
 
 
@@ -225,6 +230,11 @@ def test_tune_variants_parse_with_their_flags_and_batch():
     assert tune.parse_variant("big=@512") == tune.Variant("big", "", 512)
     flags = "--xla_gpu_enable_command_buffer="
     assert tune.parse_variant(f"off={flags}") == tune.Variant("off", flags, None)
+    s2d = tune.parse_variant("s2d=--config.space_to_depth_stem=True --xla_gpu_foo=1@256")
+    assert (s2d.xla_flags(), s2d.config_overrides()) == (
+        "--xla_gpu_foo=1",
+        ["--config.space_to_depth_stem=True"],
+    )
     for bad in ("nothing", "=@5", "x=@0", "x=@many"):
         with pytest.raises(ValueError, match="expected NAME=XLA_FLAGS"):
             tune.parse_variant(bad)

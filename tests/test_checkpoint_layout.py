@@ -36,6 +36,7 @@ STRING_CHOICES = {
     "dataset": ("synthetic",),
     "augment": augment.AUGMENTATIONS,
     "auto_augment": ("trivialaugment",),
+    "loader": ("dali",),  # refused with digits: decoding cannot change the state's layout anyway
     "train_split": ("train",),
     "eval_split": ("test",),
     "optimizer": optim.OPTIMIZERS,

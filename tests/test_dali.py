@@ -16,11 +16,16 @@ from PIL import Image
 
 from resnet_jax import augment, dali, data, inference
 from resnet_jax.config_checks import ConfigError, check_config
-from tests.conftest import ROOT, digits_config, run_script, start_two_processes, xla_flags_with
-
-needs_dali = pytest.mark.skipif(
-    importlib.util.find_spec("nvidia.dali") is None, reason="the dali extra is not installed"
+from tests.conftest import (
+    ROOT,
+    TINY_BENCHMARK,
+    digits_config,
+    run_script,
+    start_two_processes,
+    xla_flags_with,
 )
+
+needs_dali = pytest.mark.skipif(not dali.installed(), reason="the dali extra is not installed")
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40)]
 
 
@@ -273,12 +278,7 @@ def test_benchmark_feeds_the_step_from_both_loaders_beside_device_batches(tmp_pa
     root = write_folder(tmp_path / "imgs")
     out = tmp_path / "rows.json"
     result = run_script(
-        "benchmark.py",
-        "--model=resnet20",
-        "--image_size=8",
-        "--batch_size=8",
-        "--steps=2",
-        "--warmup_steps=1",
+        *TINY_BENCHMARK,
         f"--data=device,folder:{root}",
         "--loader=grain,dali",
         f"--json={out}",
@@ -293,3 +293,20 @@ def test_benchmark_feeds_the_step_from_both_loaders_beside_device_batches(tmp_pa
     assert all(r["images_per_sec"] > 0 for r in rows)
     header = result.stdout.splitlines()[0].split()
     assert header[6:8] == ["data", "loader"]  # the table says which feed each row had
+
+
+@needs_dali
+def test_tfds_images_decode_through_dali_with_their_labels():
+    """TFDS hands over its stored JPEG bytes (or pixels, as lossless PNG) to the same pipeline."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        config = check_config(digits_config(dataset="tfds:imagenet2012", image_size=24, loader="dali"))
+        dataset = data.load(config)
+        batch = next(data.train_loader(dataset, global_batch_size=8, seed=0))
+        evals = next(data.eval_batches(dataset, global_batch_size=12))
+        source_labels = [int(dataset.train_source[i]["label"]) for i in range(12)]
+    assert dataset.decoder is not None and dataset.info.augment == "imagenet"
+    assert dataset.host_images(batch, train=True).shape == (8, 24, 24, 3)
+    assert dataset.host_images(evals).shape == (12, 24, 24, 3) and evals["mask"].sum() == 12
+    assert set(batch["label"].tolist()) <= set(source_labels)

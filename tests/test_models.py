@@ -534,3 +534,63 @@ def test_fold_bn_auto_folds_on_tpu_meshes_only():
     assert models.create_model(config, 10).fold_bn == (jax.default_backend() == "tpu")
     with pytest.raises(ValueError, match="config.fold_bn='true' is not valid; choose one of: auto, on, off"):
         models.folds_bn("true", "tpu")
+
+
+@pytest.mark.parametrize("size", [8, 14, 32])
+def test_the_space_to_depth_stem_is_the_7x7_stride_2_convolution(size):
+    """The same parameter, the same outputs and gradients as `nn.Conv(64, (7, 7), (2, 2))` with
+    PyTorch's padding, in float64 (odd block counts included: 14 px is 7 blocks)."""
+    from resnet_jax import stems
+
+    with float64_on_the_cpu():
+        x = jax.random.normal(jax.random.key(0), (2, size, size, 3), jnp.float64)
+        common = dict(use_bias=True, kernel_init=layers.conv_kernel_init, dtype=jnp.float64)
+        plain = nn.Conv(
+            16, (7, 7), (2, 2), padding=layers.torch_padding(7), param_dtype=jnp.float64, **common
+        )
+        blocked = stems.SpaceToDepthConv(16, **common)
+        variables = plain.init(jax.random.key(1), x)
+        variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables)
+        assert jax.tree.map(jnp.shape, blocked.init(jax.random.key(1), x)) == jax.tree.map(
+            jnp.shape, variables
+        )
+        np.testing.assert_allclose(blocked.apply(variables, x), plain.apply(variables, x), atol=1e-12)
+        grad = lambda m: jax.grad(lambda v: jnp.sum(m.apply(v, x) ** 2))(variables)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-10), grad(blocked), grad(plain))
+
+
+def test_a_resnet_with_the_space_to_depth_stem_loads_the_same_weights_and_gives_the_same_logits():
+    with float64_on_the_cpu():
+        x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3), jnp.float64)
+        plain, blocked = (
+            models.create("resnet18", 10, dtype=jnp.float64, space_to_depth=s) for s in (False, True)
+        )
+        variables = plain.init(jax.random.key(1), x)
+        assert jax.tree.map(jnp.shape, blocked.init(jax.random.key(1), x)) == jax.tree.map(
+            jnp.shape, variables
+        )
+        np.testing.assert_allclose(blocked.apply(variables, x), plain.apply(variables, x), atol=1e-9)
+    with pytest.raises(ValueError, match="space_to_depth computes the ImageNet stem's 7x7 convolution"):
+        models.create("resnet20", 10, space_to_depth=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(model="resnet18", image_size=33),
+            "config.space_to_depth_stem=True needs even image sides, not image_size=33",
+        ),
+        (
+            dict(model="resnet20"),
+            "config.space_to_depth_stem=True needs an ImageNet stem (resnet20 has none)",
+        ),
+    ],
+)
+def test_the_space_to_depth_stem_refuses_odd_sizes_and_other_stems(overrides, message):
+    from resnet_jax.config_checks import ConfigError, check_config
+    from tests.conftest import digits_config
+
+    with pytest.raises(ConfigError) as error:
+        check_config(digits_config(space_to_depth_stem=True, **overrides))
+    assert str(error.value) == message

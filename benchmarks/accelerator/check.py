@@ -80,7 +80,7 @@ class Part:
     title: str
     minimum_s: float
     cap_s: float
-    kind: str  # environment | tests | benchmark | end_to_end | torch | preflight
+    kind: str  # environment | tests | benchmark | profile | end_to_end | torch | preflight
     args: tuple[str, ...] = ()
     images: int = 0  # end_to_end: JPEG files to generate
 
@@ -124,6 +124,14 @@ def full_plan(headline_batch: int = 256) -> list[Part]:
             "end_to_end",
             (*r50, "--dtype=bfloat16", f"--per_device_batch_size={headline_batch}"),
             E2E_IMAGES,
+        ),
+        Part(
+            "profile",
+            "Where ResNet-50's step time goes: bfloat16, per-device batch 256 and 1,024, traced",
+            60,
+            200,
+            "profile",
+            (*r50, "--dtype=bfloat16", "--per_device_batch_size=256,1024", "--profile_steps=5"),
         ),
         Part(
             "resnet50_sweep",
@@ -218,6 +226,14 @@ def smoke_plan() -> list[Part]:
             "end_to_end",
             (*tiny, "--dtype=float32"),
             64,
+        ),
+        Part(
+            "profile",
+            "Where ResNet-20's step time goes at 8 px, traced (smoke)",
+            5,
+            120,
+            "profile",
+            (*tiny, "--dtype=float32", "--profile_steps=2"),
         ),
         Part(
             "resnet50_eval",
@@ -533,6 +549,10 @@ class Check:
         self.result["benchmark"].extend(rows)
         return status, seconds, f"{len(rows)} row(s)"
 
+    def run_profile(self, part: Part, allowed: float) -> tuple[str, float, str]:
+        """benchmark.py --profile: its rows carry the device time by category (`trace_report`)."""
+        return self.run_benchmark(part, allowed, (f"--profile={self.parts_dir / 'profile'}",))
+
     def run_end_to_end(self, part: Part, allowed: float) -> tuple[str, float, str]:
         """The real loaders feeding the real step in one benchmark.py call, beside device batches:
         a generated JPEG folder (`loader_benchmark.write_jpeg_folder`), decoded by DALI (nvJPEG,
@@ -546,7 +566,10 @@ class Check:
             status, _ = run_process(command, allowed, self.log_file, self.env)
             if status != "ok":
                 return status, time.perf_counter() - start, "writing the JPEG folder failed; see check.log"
-        have_dali = importlib.util.find_spec("nvidia.dali") is not None
+        try:  # find_spec("nvidia.dali") raises where there is no nvidia package at all
+            have_dali = importlib.util.find_spec("nvidia.dali") is not None
+        except ModuleNotFoundError:
+            have_dali = False
         loaders = "dali,grain" if have_dali else "grain"
         left = allowed - (time.perf_counter() - start)
         extra = (f"--data=folder:{folder},device", f"--loader={loaders}")
@@ -753,6 +776,14 @@ def markdown(result: dict[str, Any]) -> str:
             "analysis (arguments + outputs + temporaries - donated), the figure a deviceless preflight "
             "reports.",
         ]
+        for row in (r for r in result["benchmark"] if r.get("profile")):
+            lines += [
+                "",
+                f"## Where the step's time goes: {row['model']} {row['mode']}, per-device batch "
+                f"{row['per_device_batch_size']}, {row['dtype']} (benchmark.py --profile)",
+                "",
+            ]
+            lines += columns_table(tables.PROFILE_COLUMNS, row["profile"]["rows"])
     if result.get("preflight"):
         lines += ["", "## Preflight against the device", "", "- " + preflight_summary(result["preflight"])]
     if result["torch"]:

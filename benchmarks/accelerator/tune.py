@@ -3,8 +3,9 @@ against a baseline, each in a fresh process (XLA reads its flags once, at start-
 
     python benchmarks/accelerator/tune.py --out DIR [--budget_s 240] [--variant NAME=FLAGS[@BATCH] ...]
 
-A variant is a name, the XLA flags it adds to the environment's `XLA_FLAGS`, and optionally its
-own per-device batch after `@` (`batch512=@512`, `no_cmd_buffers=--xla_gpu_enable_command_buffer=`).
+A variant is a name, the XLA flags it adds to the environment's `XLA_FLAGS` (or `--config.KEY=VALUE`
+overrides of the step, passed to benchmark.py), and optionally its own per-device batch after `@`
+(`batch512=@512`, `no_cmd_buffers=--xla_gpu_enable_command_buffer=`, `s2d=--config.space_to_depth_stem=True`).
 Without `--variant` the defaults below run: the ones worth trying on an NVIDIA GPU. The baseline
 runs first and again last, so that drift of the machine over the run shows as the gap between
 the two. Variants that no longer fit the budget are skipped and listed. `DIR/tune.json` and
@@ -30,8 +31,14 @@ from check import benchmark_command, child_environment, run_process, tables, wit
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    flags: str = ""
+    flags: str = ""  # XLA flags, and --config.KEY=VALUE overrides of the step
     per_device_batch: int | None = None  # None: --per_device_batch_size
+
+    def xla_flags(self) -> str:
+        return " ".join(f for f in self.flags.split() if not f.startswith("--config."))
+
+    def config_overrides(self) -> list[str]:
+        return [f for f in self.flags.split() if f.startswith("--config.")]
 
 
 # XLA's default command-buffer (CUDA graph) types in jaxlib 0.11: plain cuDNN convolutions are not
@@ -50,6 +57,9 @@ GPU_VARIANTS = (
     Variant("no_command_buffers", "--xla_gpu_enable_command_buffer="),
     Variant("conv_as_fusions", "--xla_gpu_experimental_enable_conv_fusion=true"),
     Variant("latency_hiding_scheduler", "--xla_gpu_enable_latency_hiding_scheduler=true"),
+    # Issue 31's memory-traffic variants, each the same model to float rounding (tested in float64).
+    Variant("space_to_depth_stem", "--config.space_to_depth_stem=True"),
+    Variant("fold_bn", "--config.fold_bn=on"),
 )
 SMOKE_VARIANTS = (Variant("baseline"), Variant("batch_8", per_device_batch=8))
 
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> int:
             batch = variant.per_device_batch or args.per_device_batch_size
             path = out / "parts" / f"{variant.name}.json"
             path.unlink(missing_ok=True)
-            env = with_xla_flags(child_environment(args.smoke), autotune_cache, variant.flags)
+            env = with_xla_flags(child_environment(args.smoke), autotune_cache, variant.xla_flags())
             command = benchmark_command(
                 [
                     f"--model={args.model}",
@@ -99,6 +109,7 @@ def run(args: argparse.Namespace, variants: list[Variant]) -> int:
                     f"--per_device_batch_size={batch}",
                     f"--steps={args.steps}",
                     f"--warmup_steps={args.warmup_steps}",
+                    *variant.config_overrides(),
                 ],
                 path,
             )

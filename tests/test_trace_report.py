@@ -1,0 +1,103 @@
+"""`benchmark.py --profile` and `python -m resnet_jax.trace_report`: a step's device time by category,
+read from a real CPU trace of a small model (the GPU trace names cuDNN's convolutions the same way)."""
+
+import json
+
+import pytest
+
+from resnet_jax import trace_report
+from resnet_jax.trace_report import Instruction, category
+from tests.conftest import TINY_BENCHMARK, run_script
+
+
+@pytest.mark.parametrize(
+    "name, instruction, expected",
+    [
+        (
+            "cudnn-conv.3",
+            Instruction("custom-call", "__cudnn$convForward", "jit(s)/jvp(ResNet)/conv1/x", ()),
+            "convolution forward",
+        ),
+        (
+            "cudnn-conv.4",
+            Instruction("custom-call", "__cudnn$convBackwardInput", "", ()),
+            "convolution input gradient",
+        ),
+        (
+            "cudnn-conv.5",
+            Instruction("custom-call", "__cudnn$convBackwardFilter", "", ()),
+            "convolution weight gradient",
+        ),
+        (
+            "convolution.1",
+            Instruction("convolution", "", "jit(s)/transpose(jvp(ResNet))/conv1/conv_general_dilated", ()),
+            "convolution backward (input + weight)",
+        ),
+        (
+            "fusion.9",
+            Instruction("fusion", "", "jit(s)/mul", ("/x/optax/_src/transform.py", "/r/step.py")),
+            "optimizer update",
+        ),
+        (
+            "fusion.8",
+            Instruction("fusion", "", "jit(s)/add", ("/x/optax/losses/_classification.py",)),
+            "other fusions and ops",
+        ),
+        (
+            "reduce.2",
+            Instruction("reduce", "", "jit(s)/jvp(ResNet)/bn1/reduce_sum", ()),
+            "BatchNorm statistics",
+        ),
+        ("fusion.7", Instruction("fusion", "", "jit(s)/jvp(ResNet)/layer1_0/bn2/mul", ()), "BatchNorm apply"),
+        (
+            "fusion.6",
+            Instruction("fusion", "", "jit(s)/transpose(jvp(ResNet))/bn1/mul", ()),
+            "BatchNorm backward",
+        ),
+        (
+            "fusion.5",
+            Instruction("fusion", "", "jit(s)/eq", ("/x/clu/metrics.py",)),
+            "metrics and gradient norm",
+        ),
+        ("copy.4", Instruction("copy", "", "jit(s)/transpose", ()), "copies and transposes"),
+        ("unknown.1", None, "other fusions and ops"),
+    ],
+)
+def test_each_op_is_put_in_its_category(name, instruction, expected):
+    assert category(name, instruction) == expected
+
+
+def test_busy_time_counts_overlapping_ops_once():
+    assert trace_report.busy_time([(0, 4), (2, 6), (8, 9), (8.5, 8.7)]) == 7
+
+
+def test_benchmark_profile_writes_a_trace_that_the_reader_turns_into_a_table(tmp_path):
+    out, rows_json, report_json = tmp_path / "profile", tmp_path / "rows.json", tmp_path / "report.json"
+    result = run_script(
+        *TINY_BENCHMARK,
+        f"--profile={out}",
+        "--profile_steps=3",
+        f"--json={rows_json}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "convolution forward" in result.stderr and "idle between ops" in result.stderr
+    (row,) = json.loads(rows_json.read_text())
+    categories = {r["category"]: r for r in row["profile"]["rows"]}
+    for needed in ("convolution forward", "convolution backward (input + weight)", "optimizer update"):
+        assert categories[needed]["ms_per_step"] > 0, needed
+    assert sum(r["share"] for r in categories.values()) == pytest.approx(1.0)
+    directory = row["profile"]["directory"]
+    again = run_script("-m", "resnet_jax.trace_report", directory, f"--json={report_json}")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0].split()[:3] == ["category", "ms/step", "share"]
+    document = json.loads(report_json.read_text())
+    assert document["steps"] == 3 and document["rows"] == row["profile"]["rows"]
+
+
+def test_a_folder_without_a_trace_is_one_line(tmp_path):
+    result = run_script("-m", "resnet_jax.trace_report", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {str(tmp_path)!r} holds no jax.profiler trace (plugins/profile/*/*.trace.json.gz); "
+        "write one with `python benchmark.py --profile DIR ...`"
+    )
