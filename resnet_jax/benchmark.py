@@ -294,9 +294,14 @@ def run_case(
         progress(f"    tracing {options.profile_steps} more steps into {directory}")
         compiled.trace(directory, options.profile_steps)
         if progress_lib.is_primary():
-            document = trace_report.report(directory, options.profile_steps)
-            progress(trace_report.format_report(document))
-            row["profile"] = {"directory": directory, "rows": document["rows"]}
+            try:
+                document = trace_report.report(directory, options.profile_steps)
+            except trace_report.TraceError as e:  # no device ops traced (no CUPTI, say): keep the row
+                progress(f"    no profile table: {e}")
+                row["profile"] = {"directory": directory, "error": str(e)}
+            else:
+                progress(trace_report.format_report(document))
+                row["profile"] = {"directory": directory, "rows": document["rows"]}
     return row
 
 

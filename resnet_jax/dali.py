@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from resnet_jax import augment, parallel
+from resnet_jax import augment, parallel, progress
 from resnet_jax.augment import Example
 from resnet_jax.errors import ConfigError
 
@@ -148,19 +149,21 @@ def default_threads() -> int:
 
 class Decoder:
     """DALI pipelines that turn grain's prepared batches into image batches: one for the process
-    on the CPU, one per local device on GPUs (`device="mixed"`); built on first use."""
+    on the CPU, one per local device on GPUs (`device="mixed"`), all decoding at once; built on
+    first use. A batch DALI cannot decode is decoded on the host instead, with a warning."""
 
     def __init__(self, size: int, eval_size: int, threads: int | None = None):
         self.size, self.eval_size = size, eval_size
         self.threads = threads or default_threads()
-        self._pipelines: dict[tuple[str, int | None, int], Any] = {}
+        self._pipelines: dict[tuple[bool, int | None], tuple[Any, int]] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # grain may pickle the dataset; pipelines stay here
         return {**self.__dict__, "_pipelines": {}}
 
     def pipeline(self, train: bool, device_id: int | None, batch_size: int) -> Any:
-        key = ("train" if train else "eval", device_id, batch_size)
-        if key not in self._pipelines:
+        """The pipeline of (mode, device); rebuilt only for a larger batch (smaller ones are fed)."""
+        pipe, capacity = self._pipelines.get((train, device_id), (None, 0))
+        if batch_size > capacity:
             build = train_pipeline if train else eval_pipeline
             pipe = build(
                 size=self.size if train else self.eval_size,
@@ -172,24 +175,33 @@ class Decoder:
                 exec_dynamic=True,
             )
             pipe.build()
-            self._pipelines[key] = pipe
-        return self._pipelines[key]
+            self._pipelines[(train, device_id)] = (pipe, batch_size)
+        return pipe
 
-    def run(self, batch: Example, train: bool, device_id: int | None = None) -> Any:
-        """The images of one (part of a) prepared batch, as DALI's output."""
+    def start(self, batch: Example, train: bool, device_id: int | None = None) -> Any:
+        """Feed one (part of a) prepared batch and let its pipeline run; `finish` collects it."""
         pipe = self.pipeline(train, device_id, len(batch["encoded"]))
         pipe.feed_input("encoded", list(batch["encoded"]))
-        if train:
-            pipe.feed_input("box", list(batch["box"]))
-            pipe.feed_input("flip", list(batch["flip"]))
-        else:
-            pipe.feed_input("region", list(batch["region"]))
-        (images,) = pipe.run()
-        return images
+        for key in ("box", "flip") if train else ("region",):
+            pipe.feed_input(key, list(batch[key]))
+        pipe.schedule_run()
+        return pipe
+
+    def finish(self, pipe: Any, batch: Example, train: bool) -> Any:
+        """The started batch's images: DALI's output, or host pixels where DALI failed on a file."""
+        try:
+            (images,) = pipe.outputs()
+            return images
+        except RuntimeError as e:  # a file PIL reads and DALI's decoders do not
+            first = str(e).strip().splitlines()[0][:200]
+            progress.warn(
+                f"DALI could not decode a batch ({first}); decoding it on the host", every_process=True
+            )
+            return host_decode(batch, self.size if train else self.eval_size, train)
 
     def host_images(self, batch: Example, train: bool = False) -> np.ndarray:
         """The decoded images of a prepared batch, in host memory (decoded on the CPU)."""
-        return self.run(batch, train).as_array()
+        return as_numpy(self.finish(self.start(batch, train), batch, train))
 
     def to_global(self, batch: Example, sharding: Any, train: bool) -> dict[str, Any]:
         """A prepared host batch as the global, sharded batch the step takes."""
@@ -199,15 +211,46 @@ class Decoder:
         devices = local_devices(sharding)
         if devices[0].platform != "gpu":
             return parallel.to_global({"image": self.host_images(batch, train), **rest}, sharding)
-        shards = np.array_split(np.arange(len(batch["encoded"])), len(devices))
+        rows = np.array_split(np.arange(len(batch["encoded"])), len(devices))
+        parts = [{k: [batch[k][i] for i in r] for k in batch if k in PREPARED} for r in rows]
+        started = [
+            self.start(part, train, d.local_hardware_id) for part, d in zip(parts, devices, strict=True)
+        ]
         arrays = []
-        for device, rows in zip(devices, shards, strict=True):
-            part = {k: [batch[k][i] for i in rows] for k in batch if k in PREPARED}
-            output = self.run(part, train, device.local_hardware_id).as_tensor()
-            arrays.append(jax.device_put(jax.dlpack.from_dlpack(output).copy(), device))  # DALI reuses it
+        for pipe, part, device in zip(started, parts, devices, strict=True):
+            images = self.finish(pipe, part, train)
+            if isinstance(images, np.ndarray):  # the host fallback
+                arrays.append(jax.device_put(images, device))
+            else:  # copied out of DALI's buffer before the pipeline runs again
+                arrays.append(jax.dlpack.from_dlpack(images.as_tensor()).copy())
         shape = (len(batch["encoded"]) * sharding.num_devices // len(devices), *arrays[0].shape[1:])
         images = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
         return {"image": images, **parallel.to_global(rest, sharding)}
+
+
+def as_numpy(images: Any) -> np.ndarray:
+    """DALI's output (or the host fallback's array) as one uint8 array."""
+    if isinstance(images, np.ndarray):
+        return images
+    return np.asarray(images.as_cpu().as_array() if hasattr(images, "as_cpu") else images.as_array())
+
+
+def host_decode(batch: Example, size: int, train: bool) -> np.ndarray:
+    """The batch decoded with PIL, crops and flips as drawn: what DALI would have given, to
+    resampling, for the files it refused."""
+    images = []
+    for i, data in enumerate(batch["encoded"]):
+        image = augment.EncodedImage(bytes(data), f"example {i}")
+        if train:
+            left, top, width, height = (int(v) for v in batch["box"][i])
+            crop = augment.decode_crop_resize(image, (top, left, height, width), size, 3, draft=False)
+            pixels = np.asarray(crop, np.uint8)
+            images.append(pixels[:, ::-1] if batch["flip"][i] else pixels)
+        else:
+            y0, x0, y1, x1 = (float(v) for v in batch["region"][i])
+            pil = augment.to_mode(image.open(), 3)
+            images.append(np.asarray(pil.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))))
+    return np.stack(images)
 
 
 def local_devices(sharding: Any) -> Sequence[Any]:
@@ -218,8 +261,10 @@ def local_devices(sharding: Any) -> Sequence[Any]:
 
 
 def decoder_options(device: str) -> dict[str, Any]:
-    """The GPU decoder's settings (the CPU decoder takes none of them)."""
-    return {"hw_decoder_load": HW_DECODER_LOAD} if device == "mixed" else {}
+    """The decoders' settings: no EXIF rotation (grain does none, and the boxes are drawn in the
+    stored orientation), and on GPUs the hardware decoder's share."""
+    options: dict[str, Any] = {"adjust_orientation": False}
+    return options | ({"hw_decoder_load": HW_DECODER_LOAD} if device == "mixed" else {})
 
 
 def train_pipeline(size: int, device: str, **options: Any) -> Any:

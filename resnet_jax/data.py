@@ -230,12 +230,12 @@ def stack_examples(examples: Sequence[Example]) -> Example:
 
 
 def resolve_workers(num_workers: int, dataset: Dataset) -> int:
-    """config.num_workers: -1 = auto (none for in-memory data or DALI, else one per core up to 16)."""
+    """config.num_workers: -1 = auto (none for in-memory data, else one per core up to 16; DALI's
+    runs too, as files that are not JPEG or PNG are re-encoded on the host)."""
     if num_workers >= 0:
         return num_workers
     in_memory = isinstance(dataset.train_source, sources.ArraySource | sources.SyntheticSource)
-    # With DALI the host only reads files and draws crops: grain's threads keep up.
-    return 0 if in_memory or dataset.decoder is not None else min(16, os.cpu_count() or 1)
+    return 0 if in_memory else min(16, os.cpu_count() or 1)
 
 
 def _workers_unavailable() -> str | None:

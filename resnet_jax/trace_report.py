@@ -7,8 +7,10 @@ DIR is what `benchmark.py --profile DIR` writes: the trace of N timed steps
 device op of the trace names its HLO instruction; the instruction's opcode, its custom-call target
 (cuDNN's convolutions on GPUs), its `op_name` (`jvp(...)` forward, `transpose(jvp(...))` backward)
 and the Python stack XLA kept for it (optax, clu, flax's BatchNorm) put it in one category. Idle is
-the time within the traced steps when no device op runs. On a CPU the convolutions' input and
-weight gradients are one category: XLA's CPU convolution does not say which it computes.
+the time within the traced steps when no device op runs. Ops on several streams of one device may
+overlap, so the categories can add up to more than the span from the first op to the last. On a
+CPU the convolutions' input and weight gradients are one category: XLA's CPU convolution does not
+say which it computes.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ CATEGORIES = (
     "optimizer update",
     "metrics and gradient norm",
     "copies and transposes",
+    "collectives (all-reduce, ...)",
     "other fusions and ops",
     "idle between ops",
 )
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 CUDNN_TARGETS = {
     "__cudnn$convForward": "convolution forward",
+    "__cudnn$convForwardGraph": "convolution forward",
     "__cudnn$convBiasActivationForward": "convolution forward",
     "__cudnn$convBackwardInput": "convolution input gradient",
     "__cudnn$convBackwardFilter": "convolution weight gradient",
@@ -127,12 +132,16 @@ def category(name: str, instruction: Instruction | None) -> str:
         return "other fusions and ops"
     backward = "transpose(" in instruction.op_name
     files = " ".join(instruction.files)
+    if instruction.opcode.startswith(COLLECTIVES):  # they take the metadata of what they reduce
+        return "collectives (all-reduce, ...)"
     if instruction.target in CUDNN_TARGETS:
-        return CUDNN_TARGETS[instruction.target]
-    if (
-        instruction.opcode == "convolution"
-        or "conv_general_dilated" in instruction.op_name.rsplit("/", 1)[-1]
-    ):
+        named = CUDNN_TARGETS[instruction.target]
+        # A 1x1 convolution's input gradient is a forward convolution to cuDNN.
+        return "convolution input gradient" if backward and named == "convolution forward" else named
+    if instruction.opcode in ("copy", "transpose") or re.match(r"^(copy|transpose)", name):
+        return "copies and transposes"
+    last = instruction.op_name.rsplit("/", 1)[-1]
+    if instruction.opcode == "convolution" or "conv_general_dilated" in last:
         return "convolution backward (input + weight)" if backward else "convolution forward"
     if "/optax/" in files and "/optax/losses/" not in files:
         return "optimizer update"
@@ -146,8 +155,6 @@ def category(name: str, instruction: Instruction | None) -> str:
             return "BatchNorm backward"
         statistics = instruction.opcode in REDUCES or "reduce" in name
         return "BatchNorm statistics" if statistics else "BatchNorm apply"
-    if instruction.opcode in ("copy", "transpose") or re.match(r"^(copy|transpose)", name):
-        return "copies and transposes"
     return "other fusions and ops"
 
 

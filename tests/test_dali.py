@@ -310,3 +310,52 @@ def test_tfds_images_decode_through_dali_with_their_labels():
     assert dataset.host_images(batch, train=True).shape == (8, 24, 24, 3)
     assert dataset.host_images(evals).shape == (12, 24, 24, 3) and evals["mask"].sum() == 12
     assert set(batch["label"].tolist()) <= set(source_labels)
+
+
+@needs_dali
+def test_exif_rotated_jpegs_are_cropped_where_grain_crops_them(tmp_path):
+    """Phone photos carry an EXIF orientation; grain draws boxes in the stored orientation and never
+    rotates, so DALI must not rotate either (or its crops land elsewhere)."""
+    root = write_folder(tmp_path / "imgs", per_class=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    ramp = np.broadcast_to(np.linspace(0, 255, 72, dtype=np.float32)[None, :, None], (40, 72, 3))
+    for label in range(len(COLOURS)):  # dark to bright along the stored width: a rotation shows
+        Image.fromarray(ramp.astype(np.uint8)).save(root / f"class{label}" / "phone.jpg", exif=exif)
+    grain_ds, dali_ds = data.load(config_for(root)), data.load(config_for(root, loader="dali"))
+    train = dali_ds.train_source
+    rows = [i for i in range(len(train)) if train.describe(i).endswith("phone.jpg")]
+    assert rows
+    prepared = data.stack_examples(
+        [dali_ds.train_transform(train[i], np.random.default_rng(i)) for i in rows]
+    )
+    reference = data.stack_examples(
+        [grain_ds.train_transform(grain_ds.train_source[i], np.random.default_rng(i)) for i in rows]
+    )
+    difference = np.abs(dali_ds.host_images(prepared, train=True).astype(np.float32) - reference["image"])
+    assert difference.mean() < 4.0, difference.mean()
+    # The eval path decodes whole images, where DALI's default would rotate them.
+    prepared = data.stack_examples([dali_ds.eval_transform(train[i]) for i in rows])
+    reference = data.stack_examples([grain_ds.eval_transform(grain_ds.train_source[i]) for i in rows])
+    difference = np.abs(dali_ds.host_images(prepared).astype(np.float32) - reference["image"])
+    assert difference.mean() < 2.0, difference.mean()
+
+
+@needs_dali
+def test_a_batch_dali_cannot_decode_is_decoded_on_the_host_with_a_warning(tmp_path, monkeypatch, capsys):
+    root = write_folder(tmp_path / "imgs", per_class=2)
+    dataset = data.load(config_for(root, loader="dali"))
+    batch = next(data.train_loader(dataset, global_batch_size=8, seed=0))
+    decoded = dataset.host_images(batch, train=True)
+    pipe = dataset.decoder.pipeline(True, None, 8)
+
+    def refuse():
+        raise RuntimeError("nvImageCodec: unsupported JPEG\ntraceback lines")
+
+    monkeypatch.setattr(pipe, "outputs", refuse)
+    fallback = dataset.host_images(batch, train=True)
+    assert "DALI could not decode a batch (nvImageCodec: unsupported JPEG); decoding it on the host" in (
+        capsys.readouterr().err
+    )
+    assert fallback.shape == decoded.shape and fallback.dtype == np.uint8
+    assert np.abs(fallback.astype(np.float32) - decoded).mean() < 4.0

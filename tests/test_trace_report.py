@@ -61,6 +61,25 @@ from tests.conftest import TINY_BENCHMARK, run_script
         ),
         ("copy.4", Instruction("copy", "", "jit(s)/transpose", ()), "copies and transposes"),
         ("unknown.1", None, "other fusions and ops"),
+        # Multi-GPU gradient reductions and layout copies carry the metadata of the convolution.
+        (
+            "all-reduce-start.1",
+            Instruction(
+                "all-reduce-start", "", "jit(s)/transpose(jvp(ResNet))/conv1/conv_general_dilated", ()
+            ),
+            "collectives (all-reduce, ...)",
+        ),
+        (
+            "copy.9",
+            Instruction("copy", "", "jit(s)/transpose(jvp(ResNet))/conv1/conv_general_dilated", ()),
+            "copies and transposes",
+        ),
+        # A 1x1 convolution's input gradient reaches cuDNN as a forward convolution.
+        (
+            "cudnn-conv.6",
+            Instruction("custom-call", "__cudnn$convForward", "jit(s)/transpose(jvp(ResNet))/l/conv3/c", ()),
+            "convolution input gradient",
+        ),
     ],
 )
 def test_each_op_is_put_in_its_category(name, instruction, expected):

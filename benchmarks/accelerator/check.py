@@ -38,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -559,20 +560,23 @@ class Check:
         when the dali extra is installed) and by grain on every core."""
         start = time.perf_counter()
         folder = self.parts_dir / "jpegs"
-        if not folder.exists():
+        if not folder.exists():  # written aside and renamed: a killed run leaves no half folder
+            partial = self.parts_dir / "jpegs.partial"
+            shutil.rmtree(partial, ignore_errors=True)
             code = "import sys; from resnet_jax.loader_benchmark import write_jpeg_folder as write; "
             code += "write(sys.argv[1], int(sys.argv[2]))"
-            command = [sys.executable, "-c", code, str(folder), str(part.images)]
+            command = [sys.executable, "-c", code, str(partial), str(part.images)]
             status, _ = run_process(command, allowed, self.log_file, self.env)
             if status != "ok":
                 return status, time.perf_counter() - start, "writing the JPEG folder failed; see check.log"
+            partial.rename(folder)
         try:  # find_spec("nvidia.dali") raises where there is no nvidia package at all
             have_dali = importlib.util.find_spec("nvidia.dali") is not None
         except ModuleNotFoundError:
             have_dali = False
-        loaders = "dali,grain" if have_dali else "grain"
+        loaders = "grain,dali" if have_dali else "grain"
         left = allowed - (time.perf_counter() - start)
-        extra = (f"--data=folder:{folder},device", f"--loader={loaders}")
+        extra = (f"--data=device,folder:{folder}", f"--loader={loaders}")  # the baseline first
         status, seconds, detail = self.run_benchmark(part, left, extra)
         if not have_dali:
             detail += "; DALI not installed (the dali extra), so no DALI row"
@@ -776,7 +780,7 @@ def markdown(result: dict[str, Any]) -> str:
             "analysis (arguments + outputs + temporaries - donated), the figure a deviceless preflight "
             "reports.",
         ]
-        for row in (r for r in result["benchmark"] if r.get("profile")):
+        for row in (r for r in result["benchmark"] if r.get("profile", {}).get("rows")):
             lines += [
                 "",
                 f"## Where the step's time goes: {row['model']} {row['mode']}, per-device batch "
