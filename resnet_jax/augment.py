@@ -182,21 +182,25 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out.reshape(height, width, image.shape[-1])
 
 
-def resize_shorter_and_center_crop(image: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
-    """The standard eval preprocessing: shorter side to size / crop, then the central size x size.
+def center_crop_geometry(height: int, width: int, size: int, crop: float = 1.0) -> tuple[int, int, int, int]:
+    """(resized height, resized width, top, left) of the standard eval preprocessing: the shorter
+    side to size / crop, then the central size x size.
 
     Sizes and offsets are torchvision's (`Resize` truncates the longer side, `CenterCrop` rounds the
     offset half to even), so that imported torchvision/timm weights see the same pixels.
     """
-    h, w = image.shape[:2]
     short = round(size / crop)
-    if h <= w:
-        new_h, new_w = short, max(short, int(w * short / h))
+    if height <= width:
+        new_h, new_w = short, max(short, int(width * short / height))
     else:
-        new_h, new_w = max(short, int(h * short / w)), short
-    image = resize(image, new_h, new_w)
-    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-    return image[top : top + size, left : left + size]
+        new_h, new_w = max(short, int(height * short / width)), short
+    return new_h, new_w, round((new_h - size) / 2), round((new_w - size) / 2)
+
+
+def resize_shorter_and_center_crop(image: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """The standard eval preprocessing (`center_crop_geometry`) applied to an image."""
+    new_h, new_w, top, left = center_crop_geometry(*image.shape[:2], size, crop)
+    return resize(image, new_h, new_w)[top : top + size, left : left + size]
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

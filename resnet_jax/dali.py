@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from resnet_jax import augment, parallel, progress
 from resnet_jax.augment import Example
@@ -133,12 +132,7 @@ class EvalPrep:
 def eval_region(height: int, width: int, size: int, crop: float) -> tuple[float, float, float, float]:
     """(y0, x0, y1, x1) of the original image that `augment.resize_shorter_and_center_crop` keeps:
     resizing that region to size x size samples the same points as resizing, then cropping."""
-    short = round(size / crop)
-    if height <= width:
-        new_h, new_w = short, max(short, int(width * short / height))
-    else:
-        new_h, new_w = max(short, int(height * short / width)), short
-    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    new_h, new_w, top, left = augment.center_crop_geometry(height, width, size, crop)
     sy, sx = height / new_h, width / new_w
     return top * sy, left * sx, (top + size) * sy, (left + size) * sx
 
@@ -201,16 +195,21 @@ class Decoder:
 
     def host_images(self, batch: Example, train: bool = False) -> np.ndarray:
         """The decoded images of a prepared batch, in host memory (decoded on the CPU)."""
-        return as_numpy(self.finish(self.start(batch, train), batch, train))
+        images = self.finish(self.start(batch, train), batch, train)
+        return images if isinstance(images, np.ndarray) else images.as_array()  # a CPU pipeline's
 
-    def to_global(self, batch: Example, sharding: Any, train: bool) -> dict[str, Any]:
-        """A prepared host batch as the global, sharded batch the step takes."""
+    def to_global(
+        self, batch: Example, sharding: Any, train: bool, global_batch_size: int | None = None
+    ) -> dict[str, Any]:
+        """A prepared host batch as the global, sharded batch the step takes (this process's rows
+        checked against `global_batch_size` as `parallel.to_global` checks them)."""
         import jax
 
         rest = {k: np.asarray(v) for k, v in batch.items() if k not in PREPARED}
         devices = local_devices(sharding)
         if devices[0].platform != "gpu":
-            return parallel.to_global({"image": self.host_images(batch, train), **rest}, sharding)
+            images = self.host_images(batch, train)
+            return parallel.to_global({"image": images, **rest}, sharding, global_batch_size)
         rows = np.array_split(np.arange(len(batch["encoded"])), len(devices))
         parts = [{k: [batch[k][i] for i in r] for k in batch if k in PREPARED} for r in rows]
         started = [
@@ -225,14 +224,7 @@ class Decoder:
                 arrays.append(jax.dlpack.from_dlpack(images.as_tensor()).copy())
         shape = (len(batch["encoded"]) * sharding.num_devices // len(devices), *arrays[0].shape[1:])
         images = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-        return {"image": images, **parallel.to_global(rest, sharding)}
-
-
-def as_numpy(images: Any) -> np.ndarray:
-    """DALI's output (or the host fallback's array) as one uint8 array."""
-    if isinstance(images, np.ndarray):
-        return images
-    return np.asarray(images.as_cpu().as_array() if hasattr(images, "as_cpu") else images.as_array())
+        return {"image": images, **parallel.to_global(rest, sharding, global_batch_size)}
 
 
 def host_decode(batch: Example, size: int, train: bool) -> np.ndarray:
@@ -248,8 +240,8 @@ def host_decode(batch: Example, size: int, train: bool) -> np.ndarray:
             images.append(pixels[:, ::-1] if batch["flip"][i] else pixels)
         else:
             y0, x0, y1, x1 = (float(v) for v in batch["region"][i])
-            pil = augment.to_mode(image.open(), 3)
-            images.append(np.asarray(pil.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))))
+            region = augment.decode_crop_resize(image, (y0, x0, y1 - y0, x1 - x0), size, 3, draft=False)
+            images.append(np.asarray(region, np.uint8))
     return np.stack(images)
 
 

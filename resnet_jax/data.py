@@ -63,7 +63,7 @@ class Dataset:
     ) -> dict[str, Any]:
         """A host-local batch of the loaders as the global, sharded batch the steps take."""
         if self.decoder is not None:
-            return self.decoder.to_global(batch, sharding, train)
+            return self.decoder.to_global(batch, sharding, train, global_batch_size)
         return parallel.to_global(batch, sharding, global_batch_size)
 
     def host_images(self, batch: Example, train: bool = False) -> np.ndarray:
@@ -158,7 +158,6 @@ def assemble(
     eval_size = eval_side(image_size, p.eval_image_size)
     eval_transform = augment.EvalTransform(eval_size, found.channels, crop)
     mean, std = found.stats or estimate_stats(found.train, eval_transform)
-    decoder = None
     info = DatasetInfo(
         name=found.name,
         num_classes=len(found.class_names),
@@ -172,11 +171,13 @@ def assemble(
         augment=style,
         eval_image_shape=(eval_size, eval_size, found.channels),
     )
-    train_transform = p.train_transform(style, image_size, found.channels, (mean, std), draft)
-    if p.loader == "dali":
+    if p.loader == "dali":  # grain prepares (bytes, crops), DALI decodes
         dali.check_dataset(style, found.channels)
         train_transform, eval_transform = dali.TrainPrep(), dali.EvalPrep(eval_size, crop)
         decoder = dali.Decoder(image_size, eval_size)
+    else:
+        train_transform = p.train_transform(style, image_size, found.channels, (mean, std), draft)
+        decoder = None
     return Dataset(info, found.train, found.eval, train_transform, eval_transform, decoder)
 
 

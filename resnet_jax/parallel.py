@@ -71,12 +71,21 @@ def check_batch_size(
     """Raise `ConfigError` (`batch_size_error`'s message) unless the global batch splits over `mesh`."""
     if mesh.devices.size < 1:
         raise ValueError("the device mesh is empty: no JAX devices to train on")
-    error = batch_size_error(
+    require_split(
         key,
         global_batch_size,
         mesh.devices.size,
         grad_accum_steps=grad_accum_steps,
         bn_group_size=bn_group_size,
+    )
+
+
+def require_split(
+    key: str, global_batch_size: int, num_devices: int, *, grad_accum_steps: int = 1, bn_group_size: int = 0
+) -> None:
+    """`batch_size_error`'s message as a `ConfigError`, when there is one."""
+    error = batch_size_error(
+        key, global_batch_size, num_devices, grad_accum_steps=grad_accum_steps, bn_group_size=bn_group_size
     )
     if error:
         raise ConfigError(error)
@@ -107,15 +116,13 @@ def run_sizes(
 ) -> RunSizes:
     """The sizes of a run of `config` over `num_train` train examples; `ConfigError` when its
     batch does not split over `num_devices` devices (of `process_count` processes)."""
-    error = batch_size_error(
+    require_split(
         key,
         config.batch_size,
         num_devices,
         grad_accum_steps=config.grad_accum_steps,
         bn_group_size=config.bn_group_size,
     )
-    if error:
-        raise ConfigError(error)
     steps_per_epoch = max(1, num_train // config.batch_size)
     total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
     return RunSizes(

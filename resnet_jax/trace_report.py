@@ -218,9 +218,7 @@ def report(directory: str, steps: int) -> dict[str, Any]:
     devices = len(by_device)
     span = sum(max(b for _, b in iv) - min(a for a, _ in iv) for iv in by_device.values())
     # Ops overlap (several CPU threads, GPU streams): idle is the span no op covers.
-    times["idle between ops"] = sum(
-        max(b for _, b in iv) - min(a for a, _ in iv) - busy_time(iv) for iv in by_device.values()
-    )
+    times["idle between ops"] = span - sum(busy_time(iv) for iv in by_device.values())
     total = sum(times.values())
     rows = [
         {"category": c, "ms_per_step": times[c] / devices / steps / 1e3, "share": times[c] / total}
