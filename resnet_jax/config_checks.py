@@ -32,6 +32,7 @@ MAX_REPEATS = 64  # repeated augmentation: an epoch shows N / k distinct images
 MAX_WORKERS = 1024  # grain worker processes per host
 MAX_PREFETCH = 32  # every batch in flight holds a global batch in device memory
 MAX_EVAL_IMAGES = 1024  # one TensorBoard grid, predicted as one batch
+MAX_INPUT_CHANNELS = 64  # zero channels padded onto the image (cuDNN's stem wants 4); more only add work
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -229,6 +230,7 @@ DOMAINS: dict[str, Domain] = {
     "bn_group_size": Int(0, "batch_size", zero="the whole batch"),
     "fold_bn": Choice(models.FOLD_BN),
     "space_to_depth_stem": Flag(),
+    "pad_input_channels": Int(0, MAX_INPUT_CHANNELS, zero="off"),
     "num_epochs": Float(f"[0, {INT32_MAX}]", zero="num_train_steps sets the length"),
     "num_train_steps": Int(None, INT32_MAX, words="an integer (<= 0: num_epochs sets the length)"),
     "optimizer": Choice(optim.OPTIMIZERS),

@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The ImageNet stem's 7x7 stride-2 convolution computed on 2x2 blocks of the image (12 input
     # channels instead of 3; Google's MLPerf ResNet): the same parameters and outputs. Even image sides.
     config.space_to_depth_stem = False
+    # > 0: the image padded with zero channels to this many before the first convolution (its kernel
+    # too, in the forward pass; same parameters and outputs). 4: cuDNN's first-layer NHWC kernels.
+    config.pad_input_channels = 0
 
     # Length: num_train_steps > 0 overrides num_epochs.
     config.num_epochs = 90.0

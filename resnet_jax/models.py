@@ -45,7 +45,7 @@ from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part
     max_pool_torch,
     torch_padding,
 )
-from resnet_jax.stems import SpaceToDepthConv
+from resnet_jax.stems import StemConv
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -87,6 +87,7 @@ class ResNet(nn.Module):
     fold_bn: bool = True  # layers.FoldedBatchNorm after stride-1 1x1 convs, layers.PooledStemNorm
     explicit_pool_padding: bool = False  # for ONNX export: jax2onnx drops a pooling window's padding
     space_to_depth: bool = False  # the ImageNet stem's 7x7/2 conv on 2x2 blocks (`stems`), same params
+    pad_input_channels: int = 0  # > 0: the first conv on the image padded to this many channels, same params
     activation: str = "relu"
     drop_path_rate: float = 0.0
     dropout_rate: float = 0.0
@@ -120,22 +121,32 @@ class ResNet(nn.Module):
         pre_activation = getattr(self.block_cls, "pre_activation", False)
         stem_width = self.stem_width or self.width
 
-        x = x.astype(self.dtype)
-        if self.stem == "deep":
-            x = act(norm(name="stem_bn1")(padded_conv(stem_width // 2, (3, 3), (2, 2), name="stem_conv1")(x)))
-            x = act(norm(name="stem_bn2")(padded_conv(stem_width // 2, (3, 3), name="stem_conv2")(x)))
-        kernel, strides = {"imagenet": (7, 2), "cifar": (3, 1), "deep": (3, 1)}[self.stem]
-        if self.space_to_depth and self.stem == "imagenet":
-            stem_conv = SpaceToDepthConv(
-                stem_width,
+        def image_conv(filters, kernel, strides, name, space_to_depth=False):
+            """The convolution that reads the image: `stems.StemConv` (same parameters) where an
+            option changes how it is computed, else the plain convolution."""
+            if not (space_to_depth or self.pad_input_channels):
+                return padded_conv(filters, (kernel, kernel), (strides, strides), name=name)
+            return StemConv(
+                filters,
+                kernel,
+                strides,
                 use_bias=not use_norm,
                 kernel_init=conv_kernel_init,
+                space_to_depth=space_to_depth,
+                pad_input_channels=self.pad_input_channels,
                 dtype=self.dtype,
-                name="conv1",
+                name=name,
             )
+
+        x = x.astype(self.dtype)
+        if self.stem == "deep":
+            x = act(norm(name="stem_bn1")(image_conv(stem_width // 2, 3, 2, "stem_conv1")(x)))
+            x = act(norm(name="stem_bn2")(padded_conv(stem_width // 2, (3, 3), name="stem_conv2")(x)))
+            x = padded_conv(stem_width, (3, 3), name="conv1")(x)
         else:
-            stem_conv = padded_conv(stem_width, (kernel, kernel), (strides, strides), name="conv1")
-        x = stem_conv(x)
+            kernel, strides = {"imagenet": (7, 2), "cifar": (3, 1)}[self.stem]
+            blocked = self.space_to_depth and self.stem == "imagenet"
+            x = image_conv(stem_width, kernel, strides, "conv1", blocked)(x)
         if folds and not pre_activation and self.stem != "cifar":
             x = PooledStemNorm(**norm_options, explicit_padding=self.explicit_pool_padding, name="bn1")(
                 x, act
@@ -316,6 +327,7 @@ def create(
     frozen_norm: bool = False,
     fold_bn: bool = True,
     space_to_depth: bool = False,
+    pad_input_channels: int = 0,
 ) -> ResNet:
     """Build a registry model; the module is a pure function of params and batch_stats.
 
@@ -328,7 +340,9 @@ def create(
     input's covariance (`layers.FoldedBatchNorm`), and the ImageNet stem's BatchNorm and activation
     after its max-pool (`layers.PooledStemNorm`): the same model, fewer bytes moved.
     `space_to_depth` computes an ImageNet stem's 7x7 stride-2 convolution on 2x2 blocks of the
-    image (`stems.SpaceToDepthConv`): the same parameters and outputs, twelve input channels.
+    image (`stems.StemConv`): the same parameters and outputs, twelve input channels.
+    `pad_input_channels` (> 0) pads the image and the first convolution's kernel with zero channels
+    up to that many (4: cuDNN's first-layer kernels) in the forward pass: the same parameters and outputs.
     """
     check_choice("model", name, names())
     check_choice("norm", norm, NORMS)
@@ -342,6 +356,8 @@ def create(
         raise ValueError(f"bn_group_size={bn_group_size!r} must be 0 (whole batch) or a positive integer")
     if bn_group_size and norm != "batch":
         raise ValueError(f"bn_group_size={bn_group_size} needs norm='batch', not norm={norm!r}")
+    if type(pad_input_channels) is not int or pad_input_channels < 0:
+        raise ValueError(f"pad_input_channels={pad_input_channels!r} must be 0 (off) or a positive integer")
     _check_rate("drop_path_rate", drop_path_rate)
     _check_rate("dropout_rate", dropout_rate)
     arch = dict(MODELS[name])
@@ -364,6 +380,7 @@ def create(
         frozen_norm=frozen_norm,
         fold_bn=fold_bn,
         space_to_depth=space_to_depth,
+        pad_input_channels=pad_input_channels,
         activation=activation,
         drop_path_rate=drop_path_rate,
         dropout_rate=dropout_rate,
@@ -399,6 +416,7 @@ def create_model(config: Any, num_classes: int, platform: str | None = None) -> 
         frozen_norm=config.freeze_backbone,  # linear probing: BatchNorm stays as loaded
         fold_bn=folds_bn(config.fold_bn, platform or jax.default_backend()),
         space_to_depth=config.space_to_depth_stem,
+        pad_input_channels=config.pad_input_channels,
     )
 
 

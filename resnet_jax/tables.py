@@ -40,6 +40,19 @@ PROFILE_COLUMNS: list[Column] = [
     ("category", "category", "{}"),
     ("ms/step", "ms_per_step", "{:.3f}"),
     ("share", "share", "{:.1%}"),
+    ("kernels/step", "kernels_per_step", "{:.0f}"),
+    ("GB/s", "gb_per_s", "{:,.0f}"),
+]
+
+# trace_report --hlo: a compiled program's kernels and HBM bytes by category, without running it.
+PROGRAM_COLUMNS: list[Column] = [
+    ("category", "category", "{}"),
+    ("kernels", "kernels", "{}"),
+    ("under 1 MB", "small_kernels", "{}"),
+    ("MB/step", "mb_per_step", "{:,.1f}"),
+    ("MB/img", "mb_per_image", "{:.2f}"),
+    ("share", "share", "{:.1%}"),
+    ("ms at HBM peak", "ms_at_bandwidth", "{:.3f}"),
 ]
 
 

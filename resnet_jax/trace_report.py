@@ -1,6 +1,7 @@
 """Where a step's device time goes, read from a `jax.profiler` trace without a browser.
 
     python -m resnet_jax.trace_report DIR [--steps N] [--json FILE]
+    python -m resnet_jax.trace_report --hlo FILE [--images N] [--accelerator H200] [--json FILE]
 
 DIR is what `benchmark.py --profile DIR` writes: the trace of N timed steps
 (`plugins/profile/*/*.trace.json.gz`) and the optimized HLO of each step it ran (`*.hlo.txt`). Every
@@ -10,7 +11,13 @@ and the Python stack XLA kept for it (optax, clu, flax's BatchNorm) put it in on
 the time within the traced steps when no device op runs. Ops on several streams of one device may
 overlap, so the categories can add up to more than the span from the first op to the last. On a
 CPU the convolutions' input and weight gradients are one category: XLA's CPU convolution does not
-say which it computes.
+say which it computes. Each category also shows its kernels per step and the HBM bandwidth they
+reached (the bytes `hlo_traffic` counts for their instructions over their time).
+
+`--hlo FILE` reads a compiled program instead, without running it (a preflight's `--hlo_dir`, so
+any GPU or TPU target compiled on a CPU): its kernels by the same categories, the bytes they move,
+how many move under a megabyte (a launch's worth of time each) and what the bytes cost at the
+accelerator's HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from typing import Any
 
 from absl import flags
 
-from resnet_jax import cli, tables
-from resnet_jax.errors import UserError
+from resnet_jax import cli, hlo_traffic, tables, targets
+from resnet_jax.errors import UserError, check_choice
 
 CATEGORIES = (
     "convolution forward",
@@ -58,7 +65,12 @@ INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\(")
 TARGET = re.compile(r'custom_call_target="([^"]+)"')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 FRAME = re.compile(r"stack_frame_id=(\d+)")
+CALLS = re.compile(r"calls=%?([\w.\-]+)")
 REDUCES = ("reduce", "reduce-window")
+# Kernels that move less than this take about a launch's time, whatever their bytes: a step's fixed cost.
+SMALL_KERNEL_BYTES = 10**6
+# A fusion of nothing but these (and casts) moves data: a layout change, a kernel's transpose.
+DATA_MOVEMENT = {"copy", "transpose", "broadcast", "slice", "concatenate", "pad"}
 
 
 class TraceError(UserError, ValueError):
@@ -71,10 +83,12 @@ class Instruction:
     target: str  # custom-call target, "" for other ops
     op_name: str
     files: tuple[str, ...]  # the Python files of its stack, innermost first
+    functions: tuple[str, ...] = ()  # the Python functions of its stack, innermost first
+    body: tuple[Instruction, ...] = ()  # a fusion's fused instructions
 
 
-def stack_files(text: str) -> dict[int, tuple[str, ...]]:
-    """stack_frame_id -> the files of that frame and its parents, from the HLO text's tables."""
+def stack_frames(text: str) -> dict[int, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """stack_frame_id -> (files, functions) of that frame and its parents, from the HLO's tables."""
     sections: dict[str, dict[int, str]] = collections.defaultdict(dict)
     section = None
     for line in text.splitlines():
@@ -86,74 +100,118 @@ def stack_files(text: str) -> dict[int, tuple[str, ...]]:
             sections[section][int(match.group(1))] = match.group(2)
         elif section and line.strip():
             section = None
-    names = {i: v.strip('"') for i, v in sections["FileNames"].items()}
-    location_file = {
-        i: int(re.search(r"file_name_id=(\d+)", v).group(1)) for i, v in sections["FileLocations"].items()
+    files = {i: v.strip('"') for i, v in sections["FileNames"].items()}
+    functions = {i: v.strip('"') for i, v in sections["FunctionNames"].items()}
+    locations = {
+        i: (
+            files.get(int(re.search(r"file_name_id=(\d+)", v).group(1)), ""),
+            functions.get(int(m.group(1)), "") if (m := re.search(r"function_name_id=(\d+)", v)) else "",
+        )
+        for i, v in sections["FileLocations"].items()
     }
     frames = {}
     for i, v in sections["StackFrames"].items():
         location = int(re.search(r"file_location_id=(\d+)", v).group(1))
         parent = int(re.search(r"parent_frame_id=(\d+)", v).group(1))
-        frames[i] = (names.get(location_file.get(location, 0), ""), parent)
+        frames[i] = (locations.get(location, ("", "")), parent)
 
-    def files(frame: int) -> tuple[str, ...]:
+    def stack(frame: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         out, seen = [], set()
         while frame in frames and frame not in seen:
             seen.add(frame)
-            file, parent = frames[frame]
-            out.append(file)
-            frame = parent
-        return tuple(out)
+            location, frame = frames[frame]
+            out.append(location)
+        return tuple(f for f, _ in out), tuple(f for _, f in out)
 
-    return {i: files(i) for i in frames}
+    return {i: stack(i) for i in frames}
 
 
 def read_hlo(text: str) -> dict[str, Instruction]:
-    """Instruction name -> what it is, for every instruction of an HLO module's text."""
-    stacks = stack_files(text)
-    instructions = {}
+    """Instruction name -> what it is, for every instruction of an HLO module's text; a fusion
+    carries the instructions of the computation it calls."""
+    stacks = stack_frames(text)
+    parsed: dict[str, tuple[Instruction, str]] = {}
+    computations: dict[str, list[str]] = collections.defaultdict(list)
+    computation = ""
     for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            computation = header.group(1)
+            continue
         match = INSTRUCTION.match(line)
         if not match:
             continue
         target, op_name, frame = TARGET.search(line), OP_NAME.search(line), FRAME.search(line)
-        instructions[match.group(1)] = Instruction(
+        calls = CALLS.search(line) if match.group(2) == "fusion" else None
+        files, functions = stacks.get(int(frame.group(1)), ((), ())) if frame else ((), ())
+        instruction = Instruction(
             opcode=match.group(2),
             target=target.group(1) if target else "",
             op_name=op_name.group(1) if op_name else "",
-            files=stacks.get(int(frame.group(1)), ()) if frame else (),
+            files=files,
+            functions=functions,
         )
-    return instructions
+        parsed[match.group(1)] = (instruction, calls.group(1) if calls else "")
+        computations[computation].append(match.group(1))
+    return {
+        name: dataclasses.replace(instruction, body=tuple(parsed[n][0] for n in computations.get(called, ())))
+        if called
+        else instruction
+        for name, (instruction, called) in parsed.items()
+    }
+
+
+def _is_optimizer(part: Instruction) -> bool:
+    files = " ".join(part.files)
+    return "/optax/" in files and "/optax/losses/" not in files
+
+
+def _is_metric(part: Instruction) -> bool:
+    files = " ".join(part.files)
+    gradient_norm = any("global_norm" in function for function in part.functions)
+    return gradient_norm or any(f in files for f in ("/clu/metrics.py", "/resnet_jax/metrics.py"))
+
+
+def _is_batch_norm(part: Instruction) -> bool:
+    return "flax/linen/normalization.py" in " ".join(part.files) or bool(
+        re.search(r"/(bn\d*|.*BatchNorm[^/]*)/", part.op_name)
+    )
 
 
 def category(name: str, instruction: Instruction | None) -> str:
-    """The category of one device op (`CATEGORIES`), from its instruction."""
+    """The category of one device op (`CATEGORIES`), from its instruction and, for a fusion, the
+    instructions fused into it (a ReLU fusion that applies a BatchNorm is BatchNorm's)."""
     if instruction is None:
         return "other fusions and ops"
     backward = "transpose(" in instruction.op_name
-    files = " ".join(instruction.files)
+    parts = (instruction, *instruction.body)
     if instruction.opcode.startswith(COLLECTIVES):  # they take the metadata of what they reduce
         return "collectives (all-reduce, ...)"
     if instruction.target in CUDNN_TARGETS:
         named = CUDNN_TARGETS[instruction.target]
-        # A 1x1 convolution's input gradient is a forward convolution to cuDNN.
+        # A 1x1 convolution's input gradient is a forward convolution to cuDNN (and so, on tiny
+        # images, is the odd weight gradient: it counts as an input gradient).
         return "convolution input gradient" if backward and named == "convolution forward" else named
-    if instruction.opcode in ("copy", "transpose") or re.match(r"^(copy|transpose)", name):
+    moves = {p.opcode for p in instruction.body} - {"parameter", "bitcast", "reshape", "convert"}
+    if (
+        instruction.opcode in ("copy", "transpose")
+        or re.match(r"^(copy|transpose)", name)
+        or (moves and moves <= DATA_MOVEMENT)
+    ):
         return "copies and transposes"
     last = instruction.op_name.rsplit("/", 1)[-1]
     if instruction.opcode == "convolution" or "conv_general_dilated" in last:
         return "convolution backward (input + weight)" if backward else "convolution forward"
-    if "/optax/" in files and "/optax/losses/" not in files:
+    if any(_is_optimizer(p) for p in parts):
         return "optimizer update"
-    if any(part in files for part in ("/clu/metrics.py", "/resnet_jax/metrics.py")) or "global_norm" in name:
+    if any(_is_metric(p) for p in parts) or "global_norm" in name:
         return "metrics and gradient norm"
-    batch_norm = "flax/linen/normalization.py" in files or re.search(
-        r"/(bn\d*|.*BatchNorm[^/]*)/", instruction.op_name
-    )
+    batch_norm = [p for p in parts if _is_batch_norm(p)]
     if batch_norm:
-        if backward:
+        # A fusion with any backward op is backward's (its forward ops are recomputed).
+        if any("transpose(" in p.op_name for p in parts):
             return "BatchNorm backward"
-        statistics = instruction.opcode in REDUCES or "reduce" in name
+        statistics = "reduce" in name or any(p.opcode in REDUCES for p in parts)
         return "BatchNorm statistics" if statistics else "BatchNorm apply"
     return "other fusions and ops"
 
@@ -195,25 +253,39 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def report(directory: str, steps: int) -> dict[str, Any]:
-    """Device time per step by category (ms and share), from the trace of `steps` steps."""
-    trace_path, hlo_paths = find(directory)
-    instructions: dict[str, dict[str, Instruction]] = {}
+def load_modules(hlo_paths: Sequence[str]) -> dict[str, tuple[dict[str, Instruction], dict[str, int]]]:
+    """HLO module name -> (its instructions, the HBM bytes each kernel of its entry moves)."""
+    modules = {}
     for path in hlo_paths:
         with open(path) as f:
             text = f.read()
         module = re.match(r"HloModule (\S+?),", text)
-        instructions[module.group(1) if module else path] = read_hlo(text)
+        moved = {row["name"]: row["bytes"] for row in hlo_traffic.analyse(text)}
+        modules[module.group(1) if module else path] = (read_hlo(text), moved)
+    return modules
+
+
+def report(directory: str, steps: int) -> dict[str, Any]:
+    """Device time per step by category (ms and share), with the kernels run and the HBM bandwidth
+    they reached (bytes their instructions read and write over their time), from a trace of `steps`
+    steps."""
+    trace_path, hlo_paths = find(directory)
+    modules = load_modules(hlo_paths)
     with gzip.open(trace_path) as f:
         events = device_events(json.load(f))
     if not events:
         raise TraceError(f"{trace_path} has no device ops: was a step running while it traced?")
     times: dict[str, float] = collections.Counter()
+    kernels: dict[str, int] = collections.Counter()
+    moved: dict[str, int] = collections.Counter()
     by_device: dict[Any, list[tuple[float, float]]] = collections.defaultdict(list)
     for e in events:
-        module = instructions.get(e["args"].get("hlo_module", ""), {})
+        instructions, traffic = modules.get(e["args"].get("hlo_module", ""), ({}, {}))
         name = e["args"]["hlo_op"]
-        times[category(name, module.get(name))] += e["dur"]
+        kind = category(name, instructions.get(name))
+        times[kind] += e["dur"]
+        kernels[kind] += 1
+        moved[kind] += traffic.get(name, 0)
         by_device[e["args"].get("device_ordinal", e["pid"])].append((e["ts"], e["ts"] + e["dur"]))
     devices = len(by_device)
     span = sum(max(b for _, b in iv) - min(a for a, _ in iv) for iv in by_device.values())
@@ -221,7 +293,13 @@ def report(directory: str, steps: int) -> dict[str, Any]:
     times["idle between ops"] = span - sum(busy_time(iv) for iv in by_device.values())
     total = sum(times.values())
     rows = [
-        {"category": c, "ms_per_step": times[c] / devices / steps / 1e3, "share": times[c] / total}
+        {
+            "category": c,
+            "ms_per_step": times[c] / devices / steps / 1e3,
+            "share": times[c] / total,
+            "kernels_per_step": kernels[c] / devices / steps if kernels[c] else None,
+            "gb_per_s": moved[c] / (times[c] * 1e-6) / 1e9 if moved[c] else None,
+        }
         for c in CATEGORIES
         if times.get(c)
     ]
@@ -242,38 +320,144 @@ def format_report(document: dict[str, Any]) -> str:
     )
 
 
+def program_report(path: str, images: int | None = None, accelerator: str | None = None) -> dict[str, Any]:
+    """A compiled program's kernels by category, without running it: how many it launches, the HBM
+    bytes they read and write (`hlo_traffic`), and the time those bytes take at the accelerator's
+    HBM bandwidth. `images` (per device) and `accelerator` default to what a preflight file name
+    (`h200x1_train_batch256.hlo.txt`) says."""
+    named = re.match(r"^(.+?)_(train|eval)_batch(\d+)\.hlo\.txt$", os.path.basename(path))
+    target = targets.TARGETS.get(named.group(1)) if named else None
+    if images is None and target:
+        images = int(named.group(3)) // target.devices
+    if accelerator is None and target:
+        accelerator = target.accelerator.name
+    bandwidth = None
+    if accelerator is not None:
+        names = [a.name for a in targets.ACCELERATORS]
+        check_choice("--accelerator", accelerator, names)
+        bandwidth = targets.accelerator(accelerator).hbm_bandwidth
+    if not os.path.exists(path):
+        raise TraceError(
+            f"--hlo {path!r} does not exist: write one with `python -m resnet_jax.preflight --hlo_dir`"
+        )
+    ((instructions, moved),) = load_modules([path]).values()
+    if not moved:
+        raise TraceError(f"{path} has no ENTRY computation: is it an optimized HLO text?")
+    kernels: dict[str, int] = collections.Counter()
+    small: dict[str, int] = collections.Counter()
+    traffic: dict[str, int] = collections.Counter()
+    for name, size in moved.items():
+        kind = category(name, instructions.get(name))
+        kernels[kind] += 1
+        small[kind] += size < SMALL_KERNEL_BYTES
+        traffic[kind] += size
+    total = sum(traffic.values())
+    rows = [
+        {
+            "category": c,
+            "kernels": kernels[c],
+            "small_kernels": small[c],
+            "mb_per_step": traffic[c] / 1e6,
+            "mb_per_image": traffic[c] / images / 1e6 if images else None,
+            "share": traffic[c] / total if total else None,
+            "ms_at_bandwidth": traffic[c] / bandwidth * 1e3 if bandwidth else None,
+        }
+        for c in CATEGORIES
+        if kernels[c]
+    ]
+    return {
+        "hlo": path,
+        "images": images,
+        "accelerator": accelerator,
+        "kernels": sum(kernels.values()),
+        "small_kernels": sum(small.values()),
+        "rows": rows,
+    }
+
+
+def format_program_report(document: dict[str, Any]) -> str:
+    text = tables.text(*tables.cells(tables.PROGRAM_COLUMNS, document["rows"]), left=1)
+    ms = sum(r["ms_at_bandwidth"] or 0 for r in document["rows"])
+    at = f"; {ms:.3f} ms at the {document['accelerator']}'s HBM bandwidth" if document["accelerator"] else ""
+    per = f" for {document['images']} images per device" if document["images"] else ""
+    return (
+        f"{text}\n{document['kernels']} kernels per step{per}, {document['small_kernels']} of them moving "
+        f"under {SMALL_KERNEL_BYTES // 10**6} MB{at} (bytes are an upper bound)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m resnet_jax.trace_report DIR`: device time per step by category."""
+    """`python -m resnet_jax.trace_report DIR`: device time per step by category; with `--hlo FILE`
+    instead of DIR, a compiled program's kernels and HBM bytes by category."""
     flag_values = flags.FlagValues()
     flags.DEFINE_integer(
         "steps", 0, "Steps in the trace (0: read DIR/profile.json).", flag_values=flag_values
     )
     flags.DEFINE_string("json", None, "Also write the table's rows to this file.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "hlo",
+        None,
+        "Instead of a trace: an optimized HLO text (preflight --hlo_dir, or the *.hlo.txt of a "
+        "profile) whose kernels to count, with the HBM bytes they move.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "images",
+        None,
+        "With --hlo: images per device per step (default: from the file name).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "accelerator",
+        None,
+        "With --hlo: the accelerator whose HBM bandwidth prices the bytes, e.g. 'H200' (default: from "
+        "the file name's preflight target).",
+        flag_values=flag_values,
+    )
     rest = cli.parse(
         flag_values, argv, prog="python -m resnet_jax.trace_report", doc=__doc__, positional="DIR"
     )
 
     def work() -> None:
-        if len(rest) != 1:
-            raise TraceError(f"give one profile folder (what `benchmark.py --profile DIR` wrote), not {rest}")
-        directory = rest[0]
-        find(directory)  # the missing trace, before the missing step count
-        steps = flag_values.steps
-        if steps <= 0:
-            meta = os.path.join(directory, "profile.json")
-            if not os.path.exists(meta):
+        if flag_values.hlo:
+            if rest:
                 raise TraceError(
-                    f"{directory!r} has no profile.json saying how many steps it traced: pass --steps"
+                    f"give a profile folder or --hlo FILE, not both ({rest[0]!r} and {flag_values.hlo!r})"
                 )
-            with open(meta) as f:
-                steps = json.load(f)["steps"]
-        document = report(directory, steps)
-        print(format_report(document))
+            if flag_values.images is not None and flag_values.images < 1:
+                raise TraceError(
+                    f"--images={flag_values.images} must be a positive number of images per device"
+                )
+            document = program_report(flag_values.hlo, flag_values.images, flag_values.accelerator)
+            text = format_program_report(document)
+        else:
+            text, document = trace_document(rest, flag_values.steps)
+        print(text)
         if flag_values.json:
             with open(flag_values.json, "w") as f:
                 json.dump(document, f, indent=1)
 
     return cli.run(work)
+
+
+def trace_document(rest: Sequence[str], steps: int) -> tuple[str, dict[str, Any]]:
+    """The report of the one profile folder in `rest`, and its text."""
+    if len(rest) != 1:
+        raise TraceError(
+            f"give one profile folder (`benchmark.py --profile DIR`) or --hlo FILE, not {list(rest)}"
+        )
+    directory = rest[0]
+    find(directory)  # the missing trace, before the missing step count
+    if steps <= 0:
+        meta = os.path.join(directory, "profile.json")
+        if not os.path.exists(meta):
+            raise TraceError(
+                f"{directory!r} has no profile.json saying how many steps it traced: pass --steps"
+            )
+        with open(meta) as f:
+            steps = json.load(f)["steps"]
+    document = report(directory, steps)
+    return format_report(document), document
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ VALID_BY_DESIGN = {
     ("device_prefetch", "zero"): "0 is no prefetch",
     ("eval_batch_size", "zero"): "0 is batch_size",
     ("bn_group_size", "zero"): "0 normalises over the whole batch (sync BN)",
+    ("pad_input_channels", "zero"): "0 is off: the image's own channels",
     ("num_train_steps", "negative"): "<= 0: num_epochs sets the length (the default is -1)",
     ("num_train_steps", "zero"): "<= 0: num_epochs sets the length",
     ("learning_rate", "absurd"): SCALE,

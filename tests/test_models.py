@@ -1,4 +1,5 @@
 import contextlib
+import functools
 from pathlib import Path
 
 import jax
@@ -536,10 +537,11 @@ def test_fold_bn_auto_folds_on_tpu_meshes_only():
         models.folds_bn("true", "tpu")
 
 
-@pytest.mark.parametrize("size", [8, 14, 32])
-def test_the_space_to_depth_stem_is_the_7x7_stride_2_convolution(size):
+@pytest.mark.parametrize("size, pad_input_channels", [(8, 0), (14, 0), (32, 0), (14, 4)])
+def test_the_space_to_depth_stem_is_the_7x7_stride_2_convolution(size, pad_input_channels):
     """The same parameter, the same outputs and gradients as `nn.Conv(64, (7, 7), (2, 2))` with
-    PyTorch's padding, in float64 (odd block counts included: 14 px is 7 blocks)."""
+    PyTorch's padding, in float64 (odd block counts included: 14 px is 7 blocks), with the image
+    padded to 4 channels (16 in blocks) too."""
     from resnet_jax import stems
 
     with float64_on_the_cpu():
@@ -548,7 +550,9 @@ def test_the_space_to_depth_stem_is_the_7x7_stride_2_convolution(size):
         plain = nn.Conv(
             16, (7, 7), (2, 2), padding=layers.torch_padding(7), param_dtype=jnp.float64, **common
         )
-        blocked = stems.SpaceToDepthConv(16, **common)
+        blocked = stems.StemConv(
+            16, 7, 2, space_to_depth=True, pad_input_channels=pad_input_channels, **common
+        )
         variables = plain.init(jax.random.key(1), x)
         variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), variables)
         assert jax.tree.map(jnp.shape, blocked.init(jax.random.key(1), x)) == jax.tree.map(
@@ -572,6 +576,56 @@ def test_a_resnet_with_the_space_to_depth_stem_loads_the_same_weights_and_gives_
         np.testing.assert_allclose(blocked.apply(variables, x), plain.apply(variables, x), atol=1e-9)
     with pytest.raises(ValueError, match="space_to_depth computes the ImageNet stem's 7x7 convolution"):
         models.create("resnet20", 10, space_to_depth=True)
+
+
+@pytest.mark.parametrize(
+    "name, size, space_to_depth",
+    [("resnet18", 32, False), ("resnet18", 32, True), ("resnet20", 16, False), ("resnet18d", 32, False)],
+)
+def test_padding_the_image_to_4_channels_keeps_parameters_logits_and_gradients(name, size, space_to_depth):
+    """ImageNet, CIFAR and deep stems (whose first convolution is `stem_conv1`), and the ImageNet
+    stem on 2x2 blocks (16 channels): one parameter tree, the same training-mode logits and
+    gradients in float64."""
+    with float64_on_the_cpu():
+        x = jax.random.normal(jax.random.key(0), (2, size, size, 3), jnp.float64)
+        plain, padded = (
+            models.create(name, 10, dtype=jnp.float64, space_to_depth=space_to_depth, pad_input_channels=c)
+            for c in (0, 4)
+        )
+        variables = jax.jit(plain.init)(jax.random.key(1), x)
+        assert jax.tree.map(jnp.shape, jax.eval_shape(padded.init, jax.random.key(1), x)) == jax.tree.map(
+            jnp.shape, variables
+        )
+        assert variables["params"]["stem_conv1" if name == "resnet18d" else "conv1"]["kernel"].shape[2] == 3
+        eqns = jax.make_jaxpr(functools.partial(padded.apply, train=False))(variables, x).eqns
+        first = next(e for e in eqns if e.primitive.name == "conv_general_dilated")
+        assert first.invars[0].aval.shape[-1] == (16 if space_to_depth else 4)
+
+        def loss(module, params):
+            logits, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(logits)), logits
+
+        grad = lambda module: jax.jit(jax.grad(functools.partial(loss, module), has_aux=True))
+        want_grad, want = grad(plain)(variables["params"])
+        got_grad, got = grad(padded)(variables["params"])
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9), got_grad, want_grad)
+
+
+def test_padding_fewer_channels_than_the_image_has_is_refused():
+    from resnet_jax.config_checks import check_config
+    from tests.conftest import digits_config
+
+    module = models.create_model(check_config(digits_config(model="resnet18", pad_input_channels=2)), 10)
+    assert module.pad_input_channels == 2
+    jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))  # digits: one channel
+    with pytest.raises(ValueError) as error:
+        jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    assert str(error.value) == (
+        "pad_input_channels=2 is fewer than the image's 3 channels: use 0 (off) or at least 3"
+    )
+    with pytest.raises(ValueError, match="pad_input_channels=-1 must be 0 .off. or a positive integer"):
+        models.create("resnet18", 10, pad_input_channels=-1)
 
 
 @pytest.mark.parametrize(

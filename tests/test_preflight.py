@@ -67,6 +67,45 @@ def test_small_model_on_a_tpu_slice_a_multi_host_slice_and_a_gpu_host(tmp_path):
     assert traffic.returncode == 0, traffic.stderr
     assert int(traffic.stdout.split(" instructions")[0]) > 100
 
+    # The GPU program's kernels by category, read without a GPU.
+    kernels_json = tmp_path / "kernels.json"
+    census = run_script(
+        "-m",
+        "resnet_jax.trace_report",
+        f"--hlo={hlo / 'h100x8_train_batch64.hlo.txt'}",
+        f"--json={kernels_json}",
+    )
+    assert census.returncode == 0, census.stderr
+    document = json.loads(kernels_json.read_text())
+    assert (document["accelerator"], document["images"]) == ("H100 SXM", 8)  # from the file name
+    by_category = {r["category"]: r for r in document["rows"]}
+    convolutions = 19  # resnet20: the stem and two per block, identity shortcuts
+    assert by_category["convolution forward"]["kernels"] == convolutions
+    # Each convolution's weight gradient and input gradient (none for the image). At 2x2 pixels XLA
+    # computes a few weight gradients as forward convolutions, which count as input gradients.
+    gradients = (
+        by_category["convolution weight gradient"]["kernels"]
+        + by_category["convolution input gradient"]["kernels"]
+    )
+    assert gradients == 2 * convolutions - 1
+    # The BatchNorm applied with its ReLU in one fusion counts as BatchNorm's, and it moves the
+    # activations: about one read and one write of a convolution's output per BatchNorm.
+    assert (
+        by_category["BatchNorm apply"]["mb_per_step"]
+        > 0.5 * by_category["convolution forward"]["mb_per_step"]
+    )
+    for needed in (
+        "BatchNorm statistics",
+        "BatchNorm backward",
+        "optimizer update",
+        "metrics and gradient norm",
+    ):
+        assert by_category[needed]["kernels"] > 0, needed
+    assert sum(r["kernels"] for r in document["rows"]) == document["kernels"]
+    assert sum(r["share"] for r in document["rows"]) == pytest.approx(1.0)
+    assert census.stdout.splitlines()[0].split()[:2] == ["category", "kernels"]
+    assert "kernels per step for 8 images per device" in census.stdout
+
 
 HANDMADE_HLO = (ROOT / "tests" / "data" / "handmade_step.hlo.txt").read_text()
 

@@ -2,6 +2,7 @@
 read from a real CPU trace of a small model (the GPU trace names cuDNN's convolutions the same way)."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -86,6 +87,71 @@ def test_each_op_is_put_in_its_category(name, instruction, expected):
     assert category(name, instruction) == expected
 
 
+BATCH_NORM_FILES = ("/x/flax/linen/normalization.py",)
+
+
+@pytest.mark.parametrize(
+    "name, body, expected",
+    [
+        # XLA fuses the BatchNorm's normalisation into the ReLU that follows it.
+        (
+            "loop_maximum_fusion",
+            [("multiply", "jit(s)/jvp(ResNet)/bn1/mul", BATCH_NORM_FILES)],
+            "BatchNorm apply",
+        ),
+        (
+            "input_reduce_fusion.3",
+            [("reduce", "jit(s)/jvp(ResNet)/bn1/reduce_sum", BATCH_NORM_FILES)],
+            "BatchNorm statistics",
+        ),
+        (
+            "input_reduce_select_fusion",
+            [
+                ("select", "jit(s)/transpose(jvp(ResNet))/relu/max", ()),
+                ("reduce", "jit(s)/jvp(ResNet)/bn1/x", ()),
+            ],
+            "BatchNorm backward",
+        ),
+        (
+            "input_transpose_fusion.2",
+            [("parameter", "", ()), ("transpose", "", ()), ("convert", "", ())],
+            "copies and transposes",
+        ),
+        ("input_add_fusion", [("add", "jit(s)/add", ("/x/optax/_src/transform.py",))], "optimizer update"),
+        ("loop_convert_fusion", [("parameter", "", ()), ("convert", "", ())], "other fusions and ops"),
+    ],
+)
+def test_a_fusion_is_put_in_the_category_of_what_is_fused_into_it(name, body, expected):
+    instructions = tuple(Instruction(opcode, "", op_name, files) for opcode, op_name, files in body)
+    fusion = Instruction("fusion", "", "jit(s)/jvp(ResNet)/relu/max", (), body=instructions)
+    assert category(name, fusion) == expected
+
+
+def test_a_per_leaf_gradient_norm_is_a_metric_by_its_python_function():
+    square = Instruction(
+        "reduce", "", "jit(s)/reduce_sum", ("/r/step.py",), ("global_norm.<locals>.<genexpr>",)
+    )
+    assert category(
+        "input_reduce_fusion.1", Instruction("fusion", "", "jit(s)/reduce_sum", (), body=(square,))
+    ) == ("metrics and gradient norm")
+
+
+HANDMADE_HLO = (pathlib.Path(__file__).parent / "data" / "fused_step.hlo.txt").read_text()
+
+
+def test_read_hlo_gives_a_fusion_its_body_and_each_instruction_its_stack():
+    instructions = trace_report.read_hlo(HANDMADE_HLO)
+    fusion = instructions["loop_maximum_fusion"]
+    (multiply,) = [i for i in fusion.body if i.opcode == "multiply"]
+    assert [i.opcode for i in fusion.body] == ["parameter", "multiply"]
+    assert multiply.files == ("/r/step.py", "/x/flax/linen/normalization.py")
+    assert multiply.functions == ("global_norm", "__call__")
+    assert (
+        instructions["p"].body == ()
+        and category("loop_maximum_fusion", fusion) == "metrics and gradient norm"
+    )
+
+
 def test_busy_time_counts_overlapping_ops_once():
     assert trace_report.busy_time([(0, 4), (2, 6), (8, 9), (8.5, 8.7)]) == 7
 
@@ -108,9 +174,41 @@ def test_benchmark_profile_writes_a_trace_that_the_reader_turns_into_a_table(tmp
     directory = row["profile"]["directory"]
     again = run_script("-m", "resnet_jax.trace_report", directory, f"--json={report_json}")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines()[0].split()[:3] == ["category", "ms/step", "share"]
+    assert again.stdout.splitlines()[0].split()[:4] == ["category", "ms/step", "share", "kernels/step"]
     document = json.loads(report_json.read_text())
     assert document["steps"] == 3 and document["rows"] == row["profile"]["rows"]
+    # The bytes each op moves over its time: the bandwidth it reached, where it moved any.
+    assert (
+        categories["convolution forward"]["gb_per_s"] > 0
+        and categories["convolution forward"]["kernels_per_step"] >= 1
+    )
+    assert categories["idle between ops"]["gb_per_s"] is None
+
+    # The same step's compiled program, read without running it: its kernels and their bytes.
+    (program,) = pathlib.Path(directory).glob("*.hlo.txt")
+    census = run_script(
+        "-m", "resnet_jax.trace_report", f"--hlo={program}", "--images=8", "--accelerator=H200"
+    )
+    assert census.returncode == 0, census.stderr
+    assert "convolution forward" in census.stdout and "at the H200's HBM bandwidth" in census.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--hlo=/nonexistent.hlo.txt"], "--hlo '/nonexistent.hlo.txt' does not exist"),
+        (
+            ["--hlo=x.hlo.txt", "--accelerator=H900"],
+            "--accelerator='H900' is not valid; choose one of: H100 SXM",
+        ),
+        (["somewhere", "--hlo=x.hlo.txt"], "give a profile folder or --hlo FILE, not both"),
+        (["--hlo=x.hlo.txt", "--images=0"], "--images=0 must be a positive number of images per device"),
+    ],
+)
+def test_bad_census_arguments_are_one_line(args, message):
+    result = run_script("-m", "resnet_jax.trace_report", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
 def test_a_folder_without_a_trace_is_one_line(tmp_path):
