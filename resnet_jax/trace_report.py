@@ -377,8 +377,8 @@ def program_report(path: str, images: int | None = None, accelerator: str | None
 
 def format_program_report(document: dict[str, Any]) -> str:
     text = tables.text(*tables.cells(tables.PROGRAM_COLUMNS, document["rows"]), left=1)
-    ms = sum(r["ms_at_bandwidth"] or 0 for r in document["rows"])
-    at = f"; {ms:.3f} ms at the {document['accelerator']}'s HBM bandwidth" if document["accelerator"] else ""
+    priced = [r["ms_at_bandwidth"] for r in document["rows"] if r["ms_at_bandwidth"] is not None]
+    at = f"; {sum(priced):.3f} ms at the {document['accelerator']}'s HBM bandwidth" if priced else ""
     per = f" for {document['images']} images per device" if document["images"] else ""
     return (
         f"{text}\n{document['kernels']} kernels per step{per}, {document['small_kernels']} of them moving "
