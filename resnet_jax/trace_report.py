@@ -61,9 +61,7 @@ CUDNN_TARGETS = {
     "__cudnn$convBackwardInput": "convolution input gradient",
     "__cudnn$convBackwardFilter": "convolution weight gradient",
 }
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z][\w\-]*)\(")
 TARGET = re.compile(r'custom_call_target="([^"]+)"')
-OP_NAME = re.compile(r'op_name="([^"]*)"')
 FRAME = re.compile(r"stack_frame_id=(\d+)")
 CALLS = re.compile(r"calls=%?([\w.\-]+)")
 REDUCES = ("reduce", "reduce-window")
@@ -138,21 +136,22 @@ def read_hlo(text: str) -> dict[str, Instruction]:
         if header:
             computation = header.group(1)
             continue
-        match = INSTRUCTION.match(line)
+        match = hlo_traffic.INSTRUCTION.match(line)
         if not match:
             continue
-        target, op_name, frame = TARGET.search(line), OP_NAME.search(line), FRAME.search(line)
-        calls = CALLS.search(line) if match.group(2) == "fusion" else None
+        name, opcode = match.group(1), match.group(3)
+        target, frame = TARGET.search(line), FRAME.search(line)
+        calls = CALLS.search(line) if opcode == "fusion" else None
         files, functions = stacks.get(int(frame.group(1)), ((), ())) if frame else ((), ())
         instruction = Instruction(
-            opcode=match.group(2),
+            opcode=opcode,
             target=target.group(1) if target else "",
-            op_name=op_name.group(1) if op_name else "",
+            op_name=hlo_traffic.op_name(line),
             files=files,
             functions=functions,
         )
-        parsed[match.group(1)] = (instruction, calls.group(1) if calls else "")
-        computations[computation].append(match.group(1))
+        parsed[name] = (instruction, calls.group(1) if calls else "")
+        computations[computation].append(name)
     return {
         name: dataclasses.replace(instruction, body=tuple(parsed[n][0] for n in computations.get(called, ())))
         if called
