@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from resnet_jax import data, finetune, inference, models, optim, parallel
-from resnet_jax.step import StepOptions, TrainState, init_state, rng_key, train_step
+from resnet_jax.step import StepOptions, TrainState, concatenates_grad_norm, init_state, rng_key, train_step
 
 
 def run_sizes(
@@ -85,7 +85,7 @@ class CompiledSteps:
                 mean=info.mean,
                 std=info.std,
                 options=StepOptions.from_config(config),
-                concat_grad_norm=mesh.devices.flat[0].platform == "cpu",
+                concat_grad_norm=concatenates_grad_norm(config.grad_norm, mesh.devices.flat[0].platform),
             ),
             in_shardings=(replicated, self.batch_sharding),
             out_shardings=(replicated, replicated),

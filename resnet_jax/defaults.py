@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: the image padded with zero channels to this many before the first convolution (its kernel
     # too, in the forward pass; same parameters and outputs). 4: cuDNN's first-layer NHWC kernels.
     config.pad_input_channels = 0
+    # norms.BN_FORMS: how each BatchNorm not folded writes its normalisation, the same function
+    # either way. centered: nn.BatchNorm's (x - mean) * a + bias; affine: x * a + (bias - mean * a),
+    # whose backward XLA's CUDA backend compiles to fewer kernels and bytes (docs/benchmarks.md).
+    config.bn_form = "centered"
 
     # Length: num_train_steps > 0 overrides num_epochs.
     config.num_epochs = 90.0
@@ -120,6 +124,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 0
     config.keep_checkpoints = 3  # the last K, plus the best by eval accuracy
     config.skip_nonfinite_steps = False  # False: stop at a non-finite loss/gradient; True: skip and count
+    # step.GRAD_NORMS: the logged gradient norm (which also tests the step for inf/NaN) as one
+    # square-sum per parameter, or one reduction over their concatenation. auto: concatenated on
+    # CPU meshes (faster compiles), per parameter elsewhere (docs/benchmarks.md has both's costs).
+    config.grad_norm = "auto"
 
     # Watching a run (docs/training.md): progress = progress.PROGRESS_MODES (auto: a bar on a
     # terminal, else lines); eval_images = eval images with predicted labels in TensorBoard after

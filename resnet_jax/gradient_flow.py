@@ -29,7 +29,7 @@ from resnet_jax import cli, data, defaults, models, optim, parallel, study_plots
 from resnet_jax.config_checks import check_config
 from resnet_jax.errors import check_choice
 from resnet_jax.gradient_norms import FAMILIES, check_nets, model_name, profiler, ratio
-from resnet_jax.step import init_state, normalize, rng_key, train_step
+from resnet_jax.step import concatenates_grad_norm, init_state, normalize, rng_key, train_step
 
 # A net "vanishes" (or "explodes") when the first conv's weight gradient is this many times smaller
 # (larger) than the last conv's: a hundredfold change across the depth, not noise between layers.
@@ -106,7 +106,7 @@ def run_model(
             schedule=schedule,
             mean=info.mean,
             std=info.std,
-            concat_grad_norm=jax.default_backend() == "cpu",
+            concat_grad_norm=concatenates_grad_norm(config.grad_norm, jax.default_backend()),
         )
     )
     batches = data.train_loader(dataset, global_batch_size=config.batch_size, seed=config.seed)

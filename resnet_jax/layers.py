@@ -1,16 +1,11 @@
-"""The building blocks of `models.ResNet`: blocks, shortcuts, squeeze-and-excitation, drop-path, ghost BN.
+"""The building blocks of `models.ResNet`: blocks, shortcuts, squeeze-and-excitation, drop-path.
 
 Blocks receive their conv and norm layers already configured (dtype, padding, BatchNorm mode), so
 one block class serves every variant: v1 or v1.5 stride placement (`stride_on`), grouped and wide
 bottlenecks (`groups`, `base_width`), squeeze-and-excitation (`se_ratio`), stochastic depth
 (`drop_path`), and identity / projection / option-A / average-pool (ResNet-D) shortcuts. Module
 names follow torchvision's and timm's (`conv1`, `bn1`, `se/fc1`) so that `weights` maps their
-state dicts one to one.
-
-`FoldedBatchNorm` computes a stride-1 1x1 convolution and the BatchNorm after it as one
-convolution, for the bottlenecks' last convolution and stride-1 projection shortcuts, and
-`PooledStemNorm` normalises the ImageNet stem after its max-pool (see their docstrings;
-docs/benchmarks.md has the HBM traffic they save).
+state dicts one to one. The BatchNorms themselves live in `norms`.
 """
 
 from __future__ import annotations
@@ -80,105 +75,6 @@ class Identity(nn.Module):
         return x
 
 
-class BatchNormVariables(nn.Module):
-    """`nn.BatchNorm`'s options and variables (params `scale`, `bias`; batch_stats `mean`, `var`, all
-    float32), shared by the BatchNorms written here so checkpoints and imported weights carry over."""
-
-    use_running_average: bool = False
-    momentum: float = 0.9
-    epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    scale_init: Callable = nn.initializers.ones
-    bias_init: Callable = nn.initializers.zeros
-
-    def norm_variables(self, features: int) -> tuple[Any, Any, jax.Array, jax.Array]:
-        """(running mean, running var, scale, bias), created on first use."""
-        shape = (features,)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape, jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, shape, jnp.float32)
-        scale = self.param("scale", self.scale_init, shape, jnp.float32)
-        bias = self.param("bias", self.bias_init, shape, jnp.float32)
-        return ra_mean, ra_var, scale, bias
-
-    def update_running(self, ra_mean: Any, ra_var: Any, mean: jax.Array, var: jax.Array) -> None:
-        """Move the running statistics towards this batch's (not while initialising)."""
-        if not self.is_initializing():
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-
-
-class GhostBatchNorm(BatchNormVariables):
-    """BatchNorm whose training statistics come from groups of `group_size` consecutive examples.
-
-    Hoffer et al. (2017)'s "ghost" BatchNorm, and what pmap codes and the MLPerf ResNet recipe get
-    from per-device statistics. The variables are `nn.BatchNorm`'s (params `scale`, `bias`;
-    batch_stats `mean`, `var`), so checkpoints and imported weights carry over; the running
-    statistics move towards the average of the groups' statistics. Reshaping the batch into
-    groups keeps a batch sharded over devices local as long as each device holds whole groups:
-    no `shard_map` and no communication beyond the running averages.
-    """
-
-    group_size: int = 1
-    momentum: float = 0.99
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = (x.shape[-1],)
-        ra_mean, ra_var, scale, bias = self.norm_variables(x.shape[-1])
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        if self.use_running_average:
-            mean, var, groups = ra_mean.value, ra_var.value, x32
-        else:
-            if x.shape[0] % self.group_size:
-                raise ValueError(
-                    f"bn_group_size={self.group_size} does not divide the batch of {x.shape[0]} examples "
-                    f"reaching {self.name}"
-                )
-            groups = x32.reshape(x.shape[0] // self.group_size, self.group_size, *x.shape[1:])
-            mean, var = _moments(groups, tuple(range(1, groups.ndim - 1)), keepdims=True)
-            self.update_running(
-                ra_mean, ra_var, mean.mean(0).reshape(features), var.mean(0).reshape(features)
-            )
-        y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-        return y.reshape(x.shape).astype(self.dtype)
-
-
-def _moments(x: jax.Array, axes: tuple[int, ...], keepdims: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Mean and biased variance as `nn.BatchNorm` computes them (E[x^2] - E[x]^2, clipped at 0)."""
-    mean = x.mean(axes, keepdims=keepdims)
-    return mean, jnp.maximum(0.0, jnp.square(x).mean(axes, keepdims=keepdims) - jnp.square(mean))
-
-
-class PooledStemNorm(BatchNormVariables):
-    """The ImageNet stem's BatchNorm, activation and 3x3/2 max-pool, normalised after the pooling.
-
-    Per channel, act(a * y + b) with a = scale / std is monotone in y: non-decreasing where a >= 0,
-    non-increasing where a < 0. Flipping the sign of those channels (y' = sign(scale) * y) makes
-    every channel non-decreasing, and a max-pool commutes with a non-decreasing function:
-    max-pool(act(a * y + b)) = act(|a| * max-pool(y') + b). So the normalisation and activation
-    run on the pooled activation, a quarter of the convolution's output, and nothing of that size
-    but the convolution's output itself is written. The statistics still come from the whole y
-    (the running mean is sign(scale) * mean(y')); forward values are BatchNorm-then-pool's, and so
-    are the gradients except where a pooling window holds ties. Variables are `nn.BatchNorm`'s.
-    """
-
-    explicit_padding: bool = False  # max_pool_torch's option, for ONNX export
-
-    @nn.compact
-    def __call__(self, y: jax.Array, act: Callable[[jax.Array], jax.Array]) -> jax.Array:
-        ra_mean, ra_var, scale, bias = self.norm_variables(y.shape[-1])
-        sign = jnp.where(scale < 0, -1.0, 1.0)
-        flipped = y * sign.astype(y.dtype)
-        if self.use_running_average:
-            flipped_mean, var = ra_mean.value * sign, ra_var.value
-        else:
-            flipped_mean, var = _moments(flipped.astype(jnp.promote_types(y.dtype, jnp.float32)), (0, 1, 2))
-            self.update_running(ra_mean, ra_var, flipped_mean * sign, var)
-        pooled = max_pool_torch(flipped, self.explicit_padding)
-        magnitude = jax.lax.rsqrt(var + self.epsilon) * jnp.abs(scale)
-        return act(((pooled - flipped_mean) * magnitude + bias).astype(self.dtype))
-
-
 class Conv1x1Kernel(nn.Module):
     """The kernel of a bias-free 1x1 `nn.Conv`, created where that module keeps it (`<name>/kernel`),
     so a folded convolution reads and writes the same parameter tree as the unfolded one."""
@@ -190,57 +86,6 @@ class Conv1x1Kernel(nn.Module):
     def __call__(self) -> jax.Array:
         shape = (1, 1, self.in_features, self.out_features)
         return self.param("kernel", conv_kernel_init, shape, jnp.float32)
-
-
-class FoldedBatchNorm(BatchNormVariables):
-    """`nn.BatchNorm` applied to a stride-1 1x1 convolution of `x`, computed as one convolution.
-
-    y = x @ w is linear, so its batch statistics follow from the input's: mean(y) = mean(x) @ w and
-    var(y) = diag(w^T cov(x) w), where cov(x) is a c_in x c_in matrix. The normalisation then folds
-    into the kernel and a bias, so y itself is never written: the convolution's output is already
-    normalised (and, in a bottleneck, XLA fuses the residual add and ReLU into it). On the backward
-    pass autodiff reads x and the cotangent instead of re-reading y three times. The mathematics is
-    BatchNorm's, including the gradient through the statistics; only float rounding differs.
-
-    The covariance is centred before the quadratic form: E[y^2] - mean(y)^2 would cancel badly when
-    |mean(y)| >> std(y), which a 1x1 convolution of ReLU outputs often gives. Variables are
-    `nn.BatchNorm`'s (`scale`, `bias`; `mean`, `var` in batch_stats), and the kernel is passed in
-    (`Conv1x1Kernel`), so checkpoints and imported weights are unchanged.
-    """
-
-    @nn.compact
-    def __call__(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        ra_mean, ra_var, scale, bias = self.norm_variables(kernel.shape[-1])
-        x = x.astype(self.dtype)
-        w = kernel.reshape(kernel.shape[-2:]).astype(jnp.promote_types(self.dtype, jnp.float32))
-        if self.use_running_average:
-            mean, var = ra_mean.value, ra_var.value
-        else:
-            mean, var = _conv_statistics(x, w)
-            self.update_running(ra_mean, ra_var, mean, var)
-        multiplier = jax.lax.rsqrt(var + self.epsilon) * scale
-        folded = (kernel * multiplier).astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, folded, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return (y + (bias - mean * multiplier)).astype(self.dtype)
-
-
-def _conv_statistics(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Batch mean and (biased) variance of x @ w over N, H, W, in w's dtype (float32 or wider),
-    without computing x @ w.
-
-    The Gram matrix accumulates at full precision (exact products for bfloat16 inputs, and no
-    bfloat16 passes for float32 ones on TPU); it and the quadratic form are c_in-sized.
-    """
-    count = x.size // x.shape[-1]
-    highest = jax.lax.Precision.HIGHEST
-    mean_in = jnp.sum(x, axis=(0, 1, 2), dtype=w.dtype) / count
-    gram = jnp.einsum("nhwi,nhwj->ij", x, x, precision=highest, preferred_element_type=w.dtype)
-    cov = gram / count - jnp.outer(mean_in, mean_in)
-    mean = jnp.dot(mean_in, w, precision=highest)
-    var = jnp.sum(w * jnp.dot(cov, w, precision=highest), axis=0)
-    return mean, jnp.maximum(var, 0.0)
 
 
 def conv1x1_norm(

@@ -34,16 +34,20 @@ from resnet_jax.layers import (  # noqa: F401  (re-exported: the blocks are part
     STRIDE_PLACEMENTS,
     BasicBlock,
     BottleneckBlock,
-    FoldedBatchNorm,
-    GhostBatchNorm,
     Identity,
-    PooledStemNorm,
     PreActBasicBlock,
     PreActBottleneckBlock,
     Shortcut,
     conv_kernel_init,
     max_pool_torch,
     torch_padding,
+)
+from resnet_jax.norms import (  # noqa: F401  (re-exported, as the blocks)
+    BN_FORMS,
+    BatchNorm,
+    FoldedBatchNorm,
+    GhostBatchNorm,
+    PooledStemNorm,
 )
 from resnet_jax.stems import StemConv
 
@@ -84,7 +88,8 @@ class ResNet(nn.Module):
     norm: str = "batch"
     bn_group_size: int = 0  # 0: statistics over the whole batch; k: over groups of k examples
     frozen_norm: bool = False  # BatchNorm uses (and keeps) its running statistics in training too
-    fold_bn: bool = True  # layers.FoldedBatchNorm after stride-1 1x1 convs, layers.PooledStemNorm
+    fold_bn: bool = True  # norms.FoldedBatchNorm after stride-1 1x1 convs, norms.PooledStemNorm
+    bn_form: str = "centered"  # norms.BN_FORMS: how the other BatchNorms write their normalisation
     explicit_pool_padding: bool = False  # for ONNX export: jax2onnx drops a pooling window's padding
     space_to_depth: bool = False  # the ImageNet stem's 7x7/2 conv on 2x2 blocks (`stems`), same params
     pad_input_channels: int = 0  # > 0: the first conv on the image padded to this many channels, same params
@@ -106,11 +111,12 @@ class ResNet(nn.Module):
         def padded_conv(filters, kernel, strides=(1, 1), **kw):
             return conv(filters, kernel, strides, padding=torch_padding(kernel[0]), **kw)
 
-        batch_norm = (
-            functools.partial(GhostBatchNorm, group_size=self.bn_group_size)
-            if self.bn_group_size
-            else nn.BatchNorm
-        )
+        if self.bn_group_size:
+            batch_norm = functools.partial(GhostBatchNorm, group_size=self.bn_group_size, form=self.bn_form)
+        elif self.bn_form != "centered":
+            batch_norm = functools.partial(BatchNorm, form=self.bn_form)
+        else:  # the form every published timing ran: flax's own module
+            batch_norm = nn.BatchNorm
         norm_options = dict(
             use_running_average=not train or self.frozen_norm, momentum=0.9, epsilon=1e-5, dtype=self.dtype
         )
@@ -326,6 +332,7 @@ def create(
     stride_on: str | None = None,
     frozen_norm: bool = False,
     fold_bn: bool = True,
+    bn_form: str = "centered",
     space_to_depth: bool = False,
     pad_input_channels: int = 0,
 ) -> ResNet:
@@ -337,8 +344,10 @@ def create(
     parameter tree as it is. `frozen_norm` keeps BatchNorm in inference mode in training too
     (linear probing). `fold_bn` computes each BatchNorm that follows a stride-1 1x1 convolution
     (the bottlenecks' last, stride-1 projections) as one convolution with statistics from the
-    input's covariance (`layers.FoldedBatchNorm`), and the ImageNet stem's BatchNorm and activation
-    after its max-pool (`layers.PooledStemNorm`): the same model, fewer bytes moved.
+    input's covariance (`norms.FoldedBatchNorm`), and the ImageNet stem's BatchNorm and activation
+    after its max-pool (`norms.PooledStemNorm`): the same model, fewer bytes moved. `bn_form`
+    writes the other BatchNorms' normalisation as nn.BatchNorm does ("centered") or as one
+    multiply-add ("affine", `norms.BatchNorm`): the same function, a different backward program.
     `space_to_depth` computes an ImageNet stem's 7x7 stride-2 convolution on 2x2 blocks of the
     image (`stems.StemConv`): the same parameters and outputs, twelve input channels.
     `pad_input_channels` (> 0) pads the image and the first convolution's kernel with zero channels
@@ -347,6 +356,7 @@ def create(
     check_choice("model", name, names())
     check_choice("norm", norm, NORMS)
     check_choice("activation", activation, tuple(ACTIVATIONS))
+    check_choice("bn_form", bn_form, BN_FORMS)
     if isinstance(dtype, str):
         check_choice("dtype", dtype, tuple(DTYPES))
         dtype = DTYPES[dtype]
@@ -379,6 +389,7 @@ def create(
         bn_group_size=bn_group_size,
         frozen_norm=frozen_norm,
         fold_bn=fold_bn,
+        bn_form=bn_form,
         space_to_depth=space_to_depth,
         pad_input_channels=pad_input_channels,
         activation=activation,
@@ -415,6 +426,7 @@ def create_model(config: Any, num_classes: int, platform: str | None = None) -> 
         dropout_rate=config.dropout_rate,
         frozen_norm=config.freeze_backbone,  # linear probing: BatchNorm stays as loaded
         fold_bn=folds_bn(config.fold_bn, platform or jax.default_backend()),
+        bn_form=config.bn_form,
         space_to_depth=config.space_to_depth_stem,
         pad_input_channels=config.pad_input_channels,
     )

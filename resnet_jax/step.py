@@ -19,6 +19,7 @@ from clu import metrics as clu_metrics
 
 from resnet_jax import metrics
 from resnet_jax import mixing as mixing_lib
+from resnet_jax.errors import check_choice
 
 
 @flax.struct.dataclass
@@ -171,14 +172,24 @@ def accumulate_gradients(
     return (losses.mean(), (join_micro_batches(logits), batch_stats)), grads
 
 
+GRAD_NORMS = ("auto", "per_leaf", "concatenated")  # config.grad_norm
+
+
+def concatenates_grad_norm(setting: str, platform: str) -> bool:
+    """Whether `config.grad_norm` (one of `GRAD_NORMS`) takes `global_norm`'s concatenated form on
+    devices of `platform`: "auto" does on CPUs only (see `global_norm`)."""
+    check_choice("config.grad_norm", setting, GRAD_NORMS)
+    return setting == "concatenated" or (setting == "auto" and platform == "cpu")
+
+
 def global_norm(tree: Any, concatenate: bool = False) -> jax.Array:
     """The L2 norm of all leaves together: one sum of squares per leaf, or (`concatenate`) one
     reduction over their concatenation.
 
-    Per leaf, XLA fuses each square-sum into the work that already reads the gradient; on TPU the
-    concatenation's parameter-sized copy costs more HBM traffic (docs/benchmarks.md). On a CPU the
-    per-leaf reductions are a sizeable share of the step's fusions and compile time (same page),
-    so the CPU concatenates.
+    Per leaf, XLA's TPU backend fuses each square-sum into the work that already reads the
+    gradient, where the concatenation's parameter-sized copy costs more HBM traffic; XLA's CUDA
+    backend gives each leaf's square-sum a kernel of its own; on a CPU the per-leaf reductions are
+    a sizeable share of the step's fusions and compile time (docs/benchmarks.md has the figures).
     """
     leaves = jax.tree.leaves(tree)
     if concatenate:

@@ -33,6 +33,8 @@ STRING_CHOICES = {
     "dtype": tuple(models.DTYPES),
     "activation": tuple(models.ACTIVATIONS),
     "fold_bn": models.FOLD_BN,
+    "bn_form": models.BN_FORMS,
+    "grad_norm": step.GRAD_NORMS,
     "dataset": ("synthetic",),
     "augment": augment.AUGMENTATIONS,
     "auto_augment": ("trivialaugment",),

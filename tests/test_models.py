@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from resnet_jax import costs, layers, models
+from resnet_jax import costs, layers, models, norms
 
 # torchvision's published counts (1000 classes, 224 px), and He et al.'s CIFAR nets (10 classes).
 PUBLISHED = {
@@ -332,7 +332,7 @@ def conv_then_batchnorm(x, kernel, scale, bias, train=True):
 
 
 def folded(x, kernel, scale, bias, train=True):
-    module = layers.FoldedBatchNorm(use_running_average=not train, dtype=x.dtype)
+    module = norms.FoldedBatchNorm(use_running_average=not train, dtype=x.dtype)
     stats = {"mean": jnp.full(scale.shape, 0.5, x.dtype), "var": jnp.full(scale.shape, 2.0, x.dtype)}
     variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
     if train:
@@ -400,7 +400,7 @@ def stem_norm_pairs(y, scale, bias, activation, train):
     stats = {"mean": jnp.full(scale.shape, 0.5, y.dtype), "var": jnp.full(scale.shape, 2.0, y.dtype)}
     variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": stats}
     options = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=y.dtype)
-    pooled, new = layers.PooledStemNorm(**options).apply(variables, y, act, mutable=["batch_stats"])
+    pooled, new = norms.PooledStemNorm(**options).apply(variables, y, act, mutable=["batch_stats"])
     normed, old = nn.BatchNorm(**options, param_dtype=scale.dtype).apply(
         variables, y, mutable=["batch_stats"]
     )
@@ -610,6 +610,102 @@ def test_padding_the_image_to_4_channels_keeps_parameters_logits_and_gradients(n
         got_grad, got = grad(padded)(variables["params"])
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9), got_grad, want_grad)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("form", norms.BN_FORMS)
+def test_our_batchnorm_in_either_form_is_flax_batchnorm_with_the_same_gradients(form, train):
+    # float64 on inputs whose mean is several times their spread: outputs, the running statistics
+    # and autodiff's gradients for the input, scale and bias equal nn.BatchNorm's.
+    with float64_on_the_cpu():
+        k = jax.random.split(jax.random.key(4), 3)
+        x = 3 + jax.random.normal(k[0], (4, 5, 5, 6), jnp.float64)
+        params = {
+            "scale": 1 + 0.3 * jax.random.normal(k[1], (6,), jnp.float64),
+            "bias": 0.2 * jax.random.normal(k[2], (6,), jnp.float64),
+        }
+        stats = {"mean": jnp.full((6,), 0.5, jnp.float64), "var": jnp.full((6,), 2.0, jnp.float64)}
+        options = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float64)
+        ours = norms.BatchNorm(**options, form=form)
+        flax_bn = nn.BatchNorm(**options, param_dtype=jnp.float64)
+        weights = jax.random.normal(jax.random.key(5), x.shape, jnp.float64)
+
+        def loss(module, x, params):
+            y, new = module.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+            return jnp.sum(weights * jnp.tanh(y)), (y, new["batch_stats"])
+
+        (got_grads, (got, got_stats)), (want_grads, (want, want_stats)) = (
+            jax.grad(functools.partial(loss, module), argnums=(0, 1), has_aux=True)(x, params)
+            for module in (ours, flax_bn)
+        )
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(got_stats[name], want_stats[name], rtol=0, atol=1e-12)
+        for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            assert float(jnp.max(jnp.abs(b))) > 1e-3
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name, size, options",
+    [
+        ("resnet18", 32, {}),
+        ("resnet20", 16, {}),
+        ("resnet50", 32, {"fold_bn": True}),
+        ("resnet20", 16, {"bn_group_size": 2}),
+    ],
+)
+def test_the_affine_batchnorm_form_keeps_parameters_logits_and_gradients(name, size, options):
+    """Plain, folded and ghost BatchNorms: one parameter tree; the same training-mode logits,
+    running statistics and gradients in float64."""
+    with float64_on_the_cpu():
+        x = jax.random.normal(jax.random.key(0), (4, size, size, 3), jnp.float64)
+        centered, affine = (
+            models.create(name, 10, dtype=jnp.float64, bn_form=form, **options) for form in norms.BN_FORMS
+        )
+        variables = jax.jit(centered.init)(jax.random.key(1), x)
+        # The centered form runs flax's module, the affine one ours; folded norms keep their own.
+        affine_of = {(nn.BatchNorm, None): (norms.BatchNorm, "affine")}
+        affine_of[norms.GhostBatchNorm, "centered"] = (norms.GhostBatchNorm, "affine")
+        used = batch_norms_called(centered, variables, x)
+        assert used & set(affine_of)
+        assert batch_norms_called(affine, variables, x) == {affine_of.get(pair, pair) for pair in used}
+
+        def loss(module, params):
+            logits, new = module.apply(
+                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(jnp.sin(logits)), (logits, new["batch_stats"])
+
+        grad = lambda module: jax.jit(jax.grad(functools.partial(loss, module), has_aux=True))
+        want_grad, want = grad(centered)(variables["params"])
+        got_grad, got = grad(affine)(variables["params"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9), got, want)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9), got_grad, want_grad)
+    with pytest.raises(ValueError, match="bn_form='folded' is not valid; choose one of: centered, affine"):
+        models.create("resnet18", 10, bn_form="folded")
+    assert models.create_model(check_config_with(bn_form="affine"), 10).bn_form == "affine"
+
+
+def batch_norms_called(module, variables, x):
+    """(class, form) of every norm module a training-mode forward pass calls; form None: flax's."""
+    seen = set()
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and "Norm" in type(context.module).__name__:
+            seen.add((type(context.module), getattr(context.module, "form", None)))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        module.apply(variables, x, train=True, mutable=["batch_stats"])
+    return seen
+
+
+def check_config_with(**overrides):
+    from resnet_jax.config_checks import check_config
+    from tests.conftest import digits_config
+
+    return check_config(digits_config(model="resnet18", **overrides))
 
 
 def test_padding_fewer_channels_than_the_image_has_is_refused():

@@ -391,3 +391,26 @@ def test_the_steps_global_norm_equals_optaxs():
         np.testing.assert_allclose(
             step.global_norm(params, concatenate), optax.global_norm(params), rtol=1e-6
         )
+
+
+def test_config_grad_norm_picks_the_concatenated_form_where_it_says():
+    from resnet_jax import step
+    from resnet_jax.config_checks import ConfigError, check_config
+    from tests.conftest import digits_config
+
+    picks = {
+        (setting, platform): step.concatenates_grad_norm(setting, platform)
+        for setting in step.GRAD_NORMS
+        for platform in ("cpu", "gpu", "tpu")
+    }
+    assert {key for key, concatenates in picks.items() if concatenates} == {
+        ("auto", "cpu"),
+        ("concatenated", "cpu"),
+        ("concatenated", "gpu"),
+        ("concatenated", "tpu"),
+    }
+    with pytest.raises(ConfigError) as error:
+        check_config(digits_config(grad_norm="flat"))
+    assert str(error.value) == (
+        "config.grad_norm='flat' is not valid; choose one of: auto, per_leaf, concatenated"
+    )
