@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from resnet_jax import trace_report
-from resnet_jax.trace_report import Instruction, category
+from resnet_jax import hlo_categories, trace_report
+from resnet_jax.hlo_categories import Instruction, category
 from tests.conftest import TINY_BENCHMARK, run_script
 
 
@@ -50,6 +50,17 @@ from tests.conftest import TINY_BENCHMARK, run_script
             "BatchNorm statistics",
         ),
         ("fusion.7", Instruction("fusion", "", "jit(s)/jvp(ResNet)/layer1_0/bn2/mul", ()), "BatchNorm apply"),
+        # resnet_jax's own BatchNorms (config.bn_form=affine), under a name without "bn" at its start.
+        (
+            "fusion.10",
+            Instruction(
+                "fusion",
+                "",
+                "jit(s)/jvp(ResNet)/layer2_0/shortcut/downsample_bn/mul",
+                ("/r/resnet_jax/norms.py",),
+            ),
+            "BatchNorm apply",
+        ),
         (
             "fusion.6",
             Instruction("fusion", "", "jit(s)/transpose(jvp(ResNet))/bn1/mul", ()),
@@ -140,7 +151,7 @@ HANDMADE_HLO = (pathlib.Path(__file__).parent / "data" / "fused_step.hlo.txt").r
 
 
 def test_read_hlo_gives_a_fusion_its_body_and_each_instruction_its_stack():
-    instructions = trace_report.read_hlo(HANDMADE_HLO)
+    instructions = hlo_categories.read_hlo(HANDMADE_HLO)
     fusion = instructions["loop_maximum_fusion"]
     (multiply,) = [i for i in fusion.body if i.opcode == "multiply"]
     assert [i.opcode for i in fusion.body] == ["parameter", "multiply"]
