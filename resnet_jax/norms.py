@@ -67,8 +67,8 @@ class BatchNorm(BatchNormVariables):
     The forms differ in what autodiff makes of them. Differentiating the affine form gives the
     two per-channel reductions of the backward pass, sum(g) and sum(g * x), the same inputs, and
     XLA's CUDA backend then computes them in one reduction: fewer kernels and bytes per step
-    (docs/benchmarks.md). The models
-    use `nn.BatchNorm` itself for the centered form, the one the published timings ran.
+    (docs/benchmarks.md). The models use `nn.BatchNorm` itself for the centered form, the one the
+    published timings ran.
     """
 
     @nn.compact

@@ -446,16 +446,19 @@ def test_pooled_stem_norm_gives_batchnorm_then_pool_bit_for_bit_in_bfloat16():
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def tiny_bottleneck_net(**options):
+    """One bottleneck per stage, 8 filters: stride-1 and strided projections, folded BatchNorms at a
+    fraction of ResNet-50's cost."""
+    return models.ResNet((1, 1, 1, 1), models.BottleneckBlock, 10, width=8, **options)
+
+
 def test_fold_bn_builds_the_same_model_with_the_same_parameters_and_gradients():
     # A narrow bottleneck ResNet (one block per stage: stride-1 and strided projections) in float64
     # with folding on and off: one parameter tree, one initialisation, and the same logits, updated
     # statistics and gradients (train) and logits (eval).
     with float64_on_the_cpu():
         x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3), jnp.float64) + 1
-        plain, fold = (
-            models.ResNet((1, 1, 1, 1), models.BottleneckBlock, 10, width=8, dtype=jnp.float64, fold_bn=f)
-            for f in (False, True)
-        )
+        plain, fold = (tiny_bottleneck_net(dtype=jnp.float64, fold_bn=f) for f in (False, True))
         variables = plain.init(jax.random.key(1), x)
         assert jax.tree.all(jax.tree.map(jnp.array_equal, variables, fold.init(jax.random.key(1), x)))
         variables = jax.tree.map(  # non-zero last norms, so every branch matters
@@ -592,24 +595,31 @@ def test_padding_the_image_to_4_channels_keeps_parameters_logits_and_gradients(n
             models.create(name, 10, dtype=jnp.float64, space_to_depth=space_to_depth, pad_input_channels=c)
             for c in (0, 4)
         )
-        variables = jax.jit(plain.init)(jax.random.key(1), x)
-        assert jax.tree.map(jnp.shape, jax.eval_shape(padded.init, jax.random.key(1), x)) == jax.tree.map(
-            jnp.shape, variables
-        )
+        variables = assert_same_training_function(plain, padded, x)
         assert variables["params"]["stem_conv1" if name == "resnet18d" else "conv1"]["kernel"].shape[2] == 3
         eqns = jax.make_jaxpr(functools.partial(padded.apply, train=False))(variables, x).eqns
         first = next(e for e in eqns if e.primitive.name == "conv_general_dilated")
         assert first.invars[0].aval.shape[-1] == (16 if space_to_depth else 4)
 
-        def loss(module, params):
-            logits, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
-            return jnp.sum(jnp.sin(logits)), logits
 
-        grad = lambda module: jax.jit(jax.grad(functools.partial(loss, module), has_aux=True))
-        want_grad, want = grad(plain)(variables["params"])
-        got_grad, got = grad(padded)(variables["params"])
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9), got_grad, want_grad)
+def assert_same_training_function(reference, other, x):
+    """In float64: `other` has `reference`'s parameter tree and, at `reference`'s initialisation,
+    the same training-mode logits, updated running statistics and gradients. Returns the variables."""
+    variables = jax.jit(reference.init)(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(other.init, jax.random.key(1), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+
+    def loss(module, params):
+        logits, new = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(logits)), (logits, new["batch_stats"])
+
+    grad = lambda module: jax.jit(jax.grad(functools.partial(loss, module), has_aux=True))
+    want_grad, want = grad(reference)(variables["params"])
+    got_grad, got = grad(other)(variables["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9), got, want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9), got_grad, want_grad)
+    return variables
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -646,13 +656,6 @@ def test_our_batchnorm_in_either_form_is_flax_batchnorm_with_the_same_gradients(
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
 
 
-def tiny_bottleneck_net(**options):
-    """Two stages of one bottleneck each, 8 filters: folded BatchNorms at a fraction of ResNet-50's cost."""
-    return models.ResNet(
-        stage_sizes=(1, 1), block_cls=layers.BottleneckBlock, num_classes=10, width=8, **options
-    )
-
-
 @pytest.mark.parametrize(
     "name, size, options",
     [
@@ -671,25 +674,13 @@ def test_the_affine_batchnorm_form_keeps_parameters_logits_and_gradients(name, s
             tiny_bottleneck_net if name == "tiny_bottleneck" else functools.partial(models.create, name, 10)
         )
         centered, affine = (build(dtype=jnp.float64, bn_form=form, **options) for form in norms.BN_FORMS)
-        variables = jax.jit(centered.init)(jax.random.key(1), x)
+        variables = assert_same_training_function(centered, affine, x)
         # The centered form runs flax's module, the affine one ours; folded norms keep their own.
         affine_of = {(nn.BatchNorm, None): (norms.BatchNorm, "affine")}
         affine_of[norms.GhostBatchNorm, "centered"] = (norms.GhostBatchNorm, "affine")
         used = batch_norms_called(centered, variables, x)
         assert used & set(affine_of)
         assert batch_norms_called(affine, variables, x) == {affine_of.get(pair, pair) for pair in used}
-
-        def loss(module, params):
-            logits, new = module.apply(
-                {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-            )
-            return jnp.sum(jnp.sin(logits)), (logits, new["batch_stats"])
-
-        grad = lambda module: jax.jit(jax.grad(functools.partial(loss, module), has_aux=True))
-        want_grad, want = grad(centered)(variables["params"])
-        got_grad, got = grad(affine)(variables["params"])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9), got, want)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9), got_grad, want_grad)
     with pytest.raises(ValueError, match="bn_form='folded' is not valid; choose one of: centered, affine"):
         models.create("resnet18", 10, bn_form="folded")
     assert models.create_model(check_config_with(bn_form="affine"), 10).bn_form == "affine"
